@@ -1,0 +1,139 @@
+"""The outer loop: a jit-compiled meta-step over a sampled meta-batch, and evaluation on unseen tasks.
+
+Data flow of one meta-step (everything inside one ``jit``)::
+
+    key -> task.sample -> per_task(learner.with_aux)(params, support, query)   # leaves [T, ...]
+        -> tx.update(updates, opt_state, params[, agreement_signal=displacements])
+        -> optax.apply_updates
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gajax.algorithms import MetaLearner, per_task
+from gajax.tasks.base import Task
+
+PyTree = Any
+
+
+class MetaState(NamedTuple):
+  """Everything a training run carries from one meta-step to the next.
+
+  Attributes:
+    step: int32 scalar, the number of meta-steps taken.
+    params: the meta-parameters.
+    opt_state: the optax state (aggregator first, then the optimiser).
+    key: the PRNG key that the next meta-step splits.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: optax.OptState
+  key: jax.Array
+
+
+def init_state(key: jax.Array, params: PyTree, tx: optax.GradientTransformation) -> MetaState:
+  """A fresh :class:`MetaState` at step 0."""
+  return MetaState(jnp.zeros((), jnp.int32), params, tx.init(params), key)
+
+
+def agreement_weights_of(opt_state: optax.OptState) -> jax.Array | None:
+  """The last agreement weights stored anywhere in ``opt_state``, or ``None`` if there are none."""
+  return optax.tree_utils.tree_get(opt_state, "weights", default=None)
+
+
+def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sample: Callable,
+                   num_tasks: int, *, signal: str = "self") -> Callable[[MetaState], tuple[MetaState, dict]]:
+  """Builds the (unjitted, pure) meta-step ``state -> (state, metrics)``.
+
+  Args:
+    learner: the one-task algorithm (see :mod:`gajax.algorithms`).
+    tx: an optax transformation whose first element aggregates stacked updates (e.g.
+      ``optax.chain(gajax.aggregators.gradient_agreement(), optax.adam(1e-3))``).
+    sample: ``(key, num_tasks) -> (support, query)``.
+    num_tasks: the meta-batch size ``T``.
+    signal: ``"self"`` lets the aggregator weigh the updates by themselves; ``"displacement"`` passes
+      each task's inner displacement ``theta - theta_i`` as ``agreement_signal`` (the paper's MAML
+      variant of gradient agreement).
+
+  Returns:
+    ``meta_step(state) -> (state, metrics)``; metrics are float32 scalars: ``support_loss`` (before
+    adaptation) and ``query_loss`` (after), averaged over tasks, ``update_norm``, and when the
+    aggregator keeps them, ``weight_min``, ``weight_max`` and ``weight_negative`` (count).
+  """
+  if signal not in ("self", "displacement"):
+    raise ValueError(f"make_meta_step: signal must be 'self' or 'displacement', got {signal!r}.")
+  batched = per_task(learner.with_aux)
+
+  def meta_step(state: MetaState):
+    key, task_key = jax.random.split(state.key)
+    support, query = sample(task_key, num_tasks)
+    updates, aux = batched(state.params, support, query)
+    extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
+    step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)
+    params = optax.apply_updates(state.params, step_updates)
+    metrics = {
+        "support_loss": jnp.mean(aux.support_loss),
+        "query_loss": jnp.mean(aux.query_loss),
+        "update_norm": optax.tree_utils.tree_norm(step_updates),
+    }
+    weights = agreement_weights_of(opt_state)
+    if weights is not None and weights.shape[0]:
+      metrics.update(weight_min=jnp.min(weights), weight_max=jnp.max(weights),
+                     weight_negative=jnp.sum(weights < 0).astype(jnp.float32))
+    return MetaState(state.step + 1, params, opt_state, key), metrics
+
+  return meta_step
+
+
+def make_block(meta_step: Callable, block_size: int) -> Callable:
+  """``block_size`` meta-steps in one ``lax.scan``: ``state -> (state, metrics stacked [block_size])``.
+
+  Jit the result once; the host then only sees a state every ``block_size`` steps.
+  """
+  def block(state):
+    return jax.lax.scan(lambda s, _: meta_step(s), state, None, length=block_size)
+  return block
+
+
+def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean and the half-width of its normal-approximation 95% interval, ``1.96 s / sqrt(n)``.
+
+  ``s`` is the sample standard deviation (``ddof=1``); with one value the half-width is 0.
+  """
+  n = values.shape[0]
+  std = jnp.std(values, ddof=1) if n > 1 else jnp.zeros((), values.dtype)
+  return jnp.mean(values), 1.96 * std / jnp.sqrt(n)
+
+
+def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
+                  chunk_size: int = 100) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """Builds ``evaluate(params, key) -> per-task metric [num_tasks]`` on unseen tasks.
+
+  Each task: adapt on its support set with ``learner.adapt``, then ``task.metric_fn`` on its query
+  set. Tasks are processed ``chunk_size`` at a time (``vmap`` inside ``lax.map``) to bound memory;
+  every chunk draws its tasks from its own key, so the tasks depend on ``key``, ``num_tasks`` and
+  ``chunk_size`` only: two models evaluated with the same key see the same tasks. Summarise the
+  result with :func:`mean_ci95`.
+  """
+  if num_tasks < 1:
+    raise ValueError(f"evaluate: num_tasks must be >= 1, got {num_tasks}.")
+  chunk_size = min(chunk_size, num_tasks)
+  num_chunks = -(-num_tasks // chunk_size)
+
+  def one_task(params, support, query):
+    return task.metric_fn(learner.adapt(params, support), query)
+
+  def evaluate(params, key):
+    def chunk(k):
+      support, query = task.eval_sample(k, chunk_size)
+      return jax.vmap(one_task, in_axes=(None, 0, 0))(params, support, query)
+    values = jax.lax.map(chunk, jax.random.split(key, num_chunks))
+    return jnp.reshape(values, (-1,))[:num_tasks]
+
+  return evaluate
