@@ -3,4 +3,4 @@
 import os
 
 # Tests must not grab every core of a shared CI machine for intra-op threads.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
