@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 
 from gajax import aggregators, algorithms, meta
+from gajax.checkpoint import Checkpointer
 from gajax.tasks import binary, sinusoid
 from gajax.tasks.base import Task
 
@@ -163,22 +165,86 @@ def _to_host(tree):
   return jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), tree)
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str, *, print_fn: Callable = print) -> dict:
+# Settings that may change when a run is resumed: they do not change what the meta-steps compute.
+RESUMABLE_CHANGES = ("num_iterations", "eval_tasks", "eval_every", "eval_queries", "eval_inner_steps",
+                     "log_every")
+
+
+def prepare_workdir(config: TrainConfig, workdir: str, overwrite: bool = False) -> None:
+  """Creates ``workdir`` or checks that the run it holds used compatible settings.
+
+  Raises:
+    ValueError: the workdir holds a run whose settings differ in anything but
+      :data:`RESUMABLE_CHANGES` (and ``overwrite`` is false).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if overwrite:
+    for name in ("metrics.jsonl", "eval.json", "config.json"):
+      if os.path.exists(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
+    shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    new = dataclasses.asdict(config)
+    diff = [k for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if diff:
+      detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+      raise ValueError(f"{workdir} holds a run with other settings ({detail}); use another "
+                       "--workdir or pass --overwrite to discard it.")
+  _atomic_write(path, json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: int = 1000,
+                       overwrite: bool = False, print_fn: Callable = print) -> dict:
   """Trains one run, printing progress, and writes ``metrics.jsonl`` and ``eval.json`` to ``workdir``.
+
+  Every ``checkpoint_every`` meta-steps (and at the end) the whole state is checkpointed with orbax
+  (see :mod:`gajax.checkpoint`). Calling this again with the same ``workdir`` resumes from the latest
+  checkpoint: ``metrics.jsonl`` is cut back to where it stood at that checkpoint, so it never holds a
+  step twice or misses one, and on CPU the resumed run ends with bit-identical parameters and
+  ``eval.json`` to an uninterrupted one (blocks of steps start at the same steps either way).
 
   Returns the ``eval.json`` contents.
   """
+  if checkpoint_every < 1:
+    raise ValueError(f"--checkpoint_every must be >= 1; got {checkpoint_every}.")
   exp = make_experiment(config)
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(config, workdir, overwrite)
   train_key, eval_key = seed_keys(config.seed)
-  blocks = {}  # block length -> jitted block; at most two lengths (full and the last remainder).
+  blocks = {}  # block length -> jitted block of meta-steps
   evaluate = jax.jit(exp.evaluate)
   state = exp.init(train_key)
+  checkpointer = Checkpointer(workdir)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if checkpointer.latest_step() is not None:
+    state, info = checkpointer.restore(state)
+    if int(state.step) > config.num_iterations:
+      raise ValueError(f"{workdir} holds a checkpoint at step {int(state.step)}, past "
+                       f"--num_iterations={config.num_iterations}.")
+    with open(metrics_path, "r+") as f:
+      f.truncate(info["metrics_bytes"])
+    print_fn(f"resumed from the checkpoint at step {int(state.step)} in {workdir}")
+  else:
+    open(metrics_path, "w").close()
 
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
-    start, done = time.perf_counter(), 0
+  with open(metrics_path, "a") as metrics_file:
+    start, done = time.perf_counter(), int(state.step)
+    first = done
     while done < config.num_iterations:
-      count = min(config.log_every, config.num_iterations - done)
+      count = min(config.log_every, config.num_iterations - done,
+                  checkpoint_every - done % checkpoint_every)
       if count not in blocks:
         blocks[count] = jax.jit(meta.make_block(exp.step, count))
       state, metrics = blocks[count](state)
@@ -192,17 +258,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, print_fn: Callable 
         metrics_file.write(json.dumps({"step": done, "eval_mean": float(mean),
                                        "eval_ci95": float(ci)}) + "\n")
       metrics_file.flush()
+      if done % checkpoint_every == 0 or done == config.num_iterations:
+        os.fsync(metrics_file.fileno())
+        checkpointer.save(done, state, {"metrics_bytes": metrics_file.tell()})
       print_fn(f"step {done:>7d}/{config.num_iterations}  support_loss "
                f"{np.mean(metrics['support_loss']):.4f}  query_loss "
-               f"{np.mean(metrics['query_loss']):.4f}  {done / (time.perf_counter() - start):.1f} it/s")
+               f"{np.mean(metrics['query_loss']):.4f}  "
+               f"{(done - first) / (time.perf_counter() - start):.1f} it/s", flush=True)
+  checkpointer.close()
 
   values = evaluate(state.params, eval_key)
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
             "config": dataclasses.asdict(config)}
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  _atomic_write(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
   print_fn(f"eval: {exp.task.metric} {result['mean']:.4f} ± {result['ci95']:.4f} "
            f"(95% CI over {result['num_tasks']} unseen tasks)")
   return result
@@ -233,7 +303,8 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
     done += count
     loss = np.asarray(metrics["query_loss"]).mean(axis=1)
     print_fn(f"  step {done:>7d}/{config.num_iterations}  query_loss per seed "
-             f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s")
+             f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s",
+             flush=True)
   values = jax.jit(jax.vmap(exp.evaluate))(state.params, eval_keys)
   means, cis = jax.vmap(meta.mean_ci95)(values)
   return {"metric": exp.task.metric, "per_seed": np.asarray(means).tolist(),

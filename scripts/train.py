@@ -36,7 +36,10 @@ flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (defau
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")
 flags.DEFINE_integer("log_every", _D.log_every, "Meta-steps per jitted block and progress line.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, training tasks and evaluation tasks.")
-flags.DEFINE_string("workdir", "runs/default", "Where metrics.jsonl and eval.json are written.")
+flags.DEFINE_string("workdir", "runs/default", "Where metrics.jsonl, eval.json and checkpoints are "
+                    "written; re-running with the same workdir resumes.")
+flags.DEFINE_integer("checkpoint_every", 1000, "Meta-steps between checkpoints.")
+flags.DEFINE_bool("overwrite", False, "Discard a run already in --workdir instead of resuming it.")
 FLAGS = flags.FLAGS
 
 
@@ -49,7 +52,11 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   print(f"config: {config}")
-  train_and_evaluate(config, FLAGS.workdir)
+  try:
+    train_and_evaluate(config, FLAGS.workdir, checkpoint_every=FLAGS.checkpoint_every,
+                       overwrite=FLAGS.overwrite)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
