@@ -64,7 +64,9 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
   Returns:
     ``meta_step(state) -> (state, metrics)``; metrics are float32 scalars: ``support_loss`` (before
     adaptation) and ``query_loss`` (after), averaged over tasks, ``update_norm``, and when the
-    aggregator keeps them, ``weight_min``, ``weight_max`` and ``weight_negative`` (count).
+    aggregator keeps them, ``weight_min``, ``weight_max`` and ``weight_negative`` (count), and
+    ``skipped_tasks`` (non-finite tasks dropped by :func:`gajax.aggregators.skip_nonfinite_tasks`;
+    when it equals ``num_tasks`` the step leaves parameters and optimiser state unchanged).
   """
   if signal not in ("self", "displacement"):
     raise ValueError(f"make_meta_step: signal must be 'self' or 'displacement', got {signal!r}.")
@@ -77,11 +79,20 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
     step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, step_updates)
+    skipped = optax.tree_utils.tree_get(opt_state, "skipped", default=None)
+    if skipped is not None:
+      # Every task was non-finite: take no step at all (Adam's momentum alone would still move).
+      frozen = skipped >= num_tasks
+      params, opt_state = jax.tree_util.tree_map(
+          lambda old, new: jnp.where(frozen, old, new), (state.params, state.opt_state),
+          (params, opt_state))
     metrics = {
         "support_loss": jnp.mean(aux.support_loss),
         "query_loss": jnp.mean(aux.query_loss),
         "update_norm": optax.tree_utils.tree_norm(step_updates),
     }
+    if skipped is not None:
+      metrics["skipped_tasks"] = skipped.astype(jnp.float32)
     weights = agreement_weights_of(opt_state)
     if weights is not None and weights.shape[0]:
       metrics.update(weight_min=jnp.min(weights), weight_max=jnp.max(weights),

@@ -50,6 +50,7 @@ class TrainConfig:
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
   log_every: int = 500
+  skip_nonfinite: bool = True  # drop tasks whose update has NaN/Inf (and log how many)
   seed: int = 0
 
   def validate(self) -> "TrainConfig":
@@ -116,7 +117,10 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
 
 def make_tx(config: TrainConfig) -> optax.GradientTransformation:
   optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](config.outer_lr)
-  return optax.chain(make_aggregator(config.aggregator, config.meta_batch_size), optimizer)
+  aggregator = make_aggregator(config.aggregator, config.meta_batch_size)
+  if config.skip_nonfinite:
+    aggregator = aggregators.skip_nonfinite_tasks(aggregator)
+  return optax.chain(aggregator, optimizer)
 
 
 class Experiment(NamedTuple):
@@ -261,10 +265,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
       if done % checkpoint_every == 0 or done == config.num_iterations:
         os.fsync(metrics_file.fileno())
         checkpointer.save(done, state, {"metrics_bytes": metrics_file.tell()})
+      skipped = int(np.sum(metrics.get("skipped_tasks", 0)))
       print_fn(f"step {done:>7d}/{config.num_iterations}  support_loss "
                f"{np.mean(metrics['support_loss']):.4f}  query_loss "
                f"{np.mean(metrics['query_loss']):.4f}  "
-               f"{(done - first) / (time.perf_counter() - start):.1f} it/s", flush=True)
+               f"{(done - first) / (time.perf_counter() - start):.1f} it/s"
+               + (f"  skipped {skipped} non-finite tasks" if skipped else ""), flush=True)
   checkpointer.close()
 
   values = evaluate(state.params, eval_key)

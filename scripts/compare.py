@@ -33,7 +33,8 @@ for field in dataclasses.fields(TrainConfig):
   if field.name in ("algorithm", "aggregator", "signal", "seed"):
     continue
   default = getattr(_D, field.name)
-  kind = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}.get(
+  kind = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+          str: flags.DEFINE_string}.get(
       type(default), flags.DEFINE_integer)
   kind(field.name, default, f"As in scripts/train.py (default {default}).")
 FLAGS = flags.FLAGS

@@ -35,6 +35,8 @@ flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final eva
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")
 flags.DEFINE_integer("log_every", _D.log_every, "Meta-steps per jitted block and progress line.")
+flags.DEFINE_bool("skip_nonfinite", _D.skip_nonfinite, "Give tasks with NaN/Inf updates zero weight "
+                  "(counted as skipped_tasks in metrics.jsonl).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, training tasks and evaluation tasks.")
 flags.DEFINE_string("workdir", "runs/default", "Where metrics.jsonl, eval.json and checkpoints are "
                     "written; re-running with the same workdir resumes.")

@@ -96,11 +96,115 @@ def weighted_sum(updates: PyTree, weights: jax.Array) -> PyTree:
       updates)
 
 
+def renormalize_masked(weights: jax.Array, task_mask: jax.Array) -> jax.Array:
+  """Zeroes the weights of masked-out tasks and rescales the rest to keep ``sum_i |w_i|``.
+
+  With no task left the weights are all zero (a zero update), never NaN.
+  """
+  kept = jnp.where(task_mask, weights, 0.0)
+  mass, kept_mass = jnp.sum(jnp.abs(weights)), jnp.sum(jnp.abs(kept))
+  return jnp.where(kept_mass > 0, kept * (mass / jnp.where(kept_mass > 0, kept_mass, 1.0)), 0.0)
+
+
 def from_weights_fn(weights_fn) -> optax.GradientTransformationExtraArgs:
   """Builds a stateless aggregator ``sum_i w_i g_i`` from ``weights_fn(updates) -> w`` of shape ``[T]``.
 
   Extra keyword arguments of ``update`` are accepted and ignored, so that scripts can pass the same
-  arguments (such as ``agreement_signal``) whichever aggregator they hold.
+  arguments (such as ``agreement_signal``) whichever aggregator they hold, except ``task_mask``
+  (bool ``[T]``, see :func:`gajax.aggregators.skip_nonfinite_tasks`): masked-out tasks get weight 0
+  and the others are rescaled to keep ``sum_i |w_i|`` (the mean over the kept tasks, for ``mean``).
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, task_mask=None, **extra_args):
+    del params, extra_args
+    num_tasks(updates)
+    weights = weights_fn(updates)
+    if task_mask is not None:
+      weights = renormalize_masked(weights, task_mask)
+    return weighted_sum(updates, weights), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def normalized_gramian(updates: PyTree) -> jax.Array:
+  """The float32 ``[T, T]`` Gramian of ``g_i / m`` with ``m = max_abs(updates)`` (``m = 1`` if 0 or inf).
+
+  For weights that are invariant to a common positive scale of all ``g_i`` (projections, cosines),
+  this is the Gramian to use: the entries stay in ``[-P, P]``, so inputs of size 1e+30 do not overflow
+  float32 and inputs of size 1e-30 do not underflow to zero.
+  """
+  peak = max_abs(updates)
+  peak = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
+  parts = []
+  for leaf in jax.tree_util.tree_leaves(updates):
+    flat = _flat(leaf).astype(jnp.float32) / peak
+    parts.append(jnp.einsum("tp,sp->ts", flat, flat, preferred_element_type=jnp.float32))
+  return sum(parts[1:], parts[0])
+
+
+def power_of_two_scale(peak: jax.Array) -> jax.Array:
+  """Elementwise power of two ``s = 2^e`` with ``peak / s`` in ``[0.5, 1)`` (``s = 1`` where ``peak`` is
+  zero or not finite), float32.
+
+  Dividing by such an ``s`` is exact in every binary float format (no rounding), so weights computed
+  from rescaled inputs are bit-for-bit those of ``2^k`` times the inputs. ``e`` is clipped to
+  ``[-125, 126]`` so that both ``s`` and ``1/s`` are normal float32 numbers (no flush-to-zero).
+  """
+  peak = jnp.asarray(peak, jnp.float32)
+  _, exponent = jnp.frexp(peak)
+  exponent = jnp.clip(exponent, -125, 126)
+  ok = (peak > 0) & jnp.isfinite(peak)
+  return jnp.where(ok, jnp.ldexp(jnp.ones_like(peak), exponent), 1.0)
+
+
+def task_max_abs(updates: PyTree) -> jax.Array:
+  """Largest absolute entry of each task's update over the whole pytree: float32 ``[T]``."""
+  per_leaf = [jnp.max(jnp.abs(_flat(leaf)), axis=1).astype(jnp.float32)
+              for leaf in jax.tree_util.tree_leaves(updates)]
+  return jnp.max(jnp.stack(per_leaf), axis=0)
+
+
+def scale_tasks(updates: PyTree, factors: jax.Array) -> PyTree:
+  """``factors[i] * g_i`` per leaf, for powers of two ``factors`` of shape ``[T]`` (exact, no rounding).
+
+  Leaves keep their dtype when it has float32's exponent range (float32, bfloat16, float64); narrower
+  ones (float16) are promoted to float32 so that the factor itself is representable.
+  """
+  def one(leaf):
+    dtype = leaf.dtype if jnp.finfo(leaf.dtype).maxexp >= 128 else jnp.float32
+    shape = (leaf.shape[0],) + (1,) * (leaf.ndim - 1)
+    return leaf.astype(dtype) * jnp.reshape(factors, shape).astype(dtype)
+  return jax.tree_util.tree_map(one, updates)
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+  """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def trace_normalized(gramian: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(K / tr K, tr K)`` for a PSD ``[T, T]`` Gramian ``K``; divides by 1 when ``tr K`` is 0 or not finite.
+
+  ``tr K = sum_i |g_i|^2`` is the squared Frobenius norm of the Jacobian, so ``K / tr K`` has
+  eigenvalues in ``[0, 1]`` summing to 1 whatever the scale of the updates.
+  """
+  k = jnp.asarray(gramian, jnp.float32)
+  tr = jnp.trace(k)
+  safe = jnp.where((tr > 0) & jnp.isfinite(tr), tr, 1.0)
+  return k / safe, tr
+
+
+def from_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
+  """Builds a stateless aggregator ``sum_i w_i g_i`` with ``w = weighting(K)``, ``K`` the ``[T, T]`` Gramian.
+
+  For weightings that are invariant to a common positive scale of the ``g_i``: ``K`` is taken from
+  :func:`normalized_gramian` (inputs divided by their largest entry, so that 1e+30 does not overflow
+  and 1e-30 does not underflow float32), and the weights are applied to the original updates. Extra
+  keyword arguments of ``update`` are accepted and ignored.
   """
 
   def init_fn(params):
@@ -110,6 +214,42 @@ def from_weights_fn(weights_fn) -> optax.GradientTransformationExtraArgs:
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
-    return weighted_sum(updates, weights_fn(updates)), state
+    return weighted_sum(updates, weighting(normalized_gramian(updates))), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
+  """Like :func:`from_gramian_weighting`, with each task rescaled by its own power of two first.
+
+  ``g_i = s_i h_i`` with ``s_i`` from :func:`power_of_two_scale` of the task's largest entry, so every
+  ``h_i`` has its largest entry in ``[0.5, 1)``. ``weighting(K_h, s)`` gets the Gramian of the ``h_i``
+  and the scales ``s`` (float32 ``[T]``) and returns weights for the ``h_i``; the output
+  ``sum_i w_i h_i`` is returned in the input dtypes. Tasks whose sizes differ by many orders of
+  magnitude then keep full relative precision in ``K_h``, which sign conditions such as
+  ``<g_i, d> >= 0`` need.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    num_tasks(updates)
+    scales = power_of_two_scale(task_max_abs(updates))
+    scaled = scale_tasks(updates, 1.0 / scales)
+    weights = weighting(gramian(scaled), scales)
+    return cast_like(weighted_sum(scaled, weights), updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def preference_vector(pref_vector, t: int, what: str) -> jax.Array:
+  """A float32 ``[T]`` preference vector: ``1/T`` everywhere for ``None``, else ``pref_vector`` checked for shape."""
+  if pref_vector is None:
+    return jnp.full((t,), 1.0 / t, jnp.float32)
+  pref = jnp.asarray(pref_vector, jnp.float32)
+  if pref.shape != (t,):
+    raise ValueError(f"{what}: pref_vector has shape {pref.shape} but the updates have T={t} tasks.")
+  return pref

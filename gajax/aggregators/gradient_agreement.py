@@ -96,8 +96,10 @@ def gradient_agreement(num_tasks: int | None = None) -> optax.GradientTransforma
     del params
     return AgreementState(weights=jnp.zeros((num_tasks or 0,), jnp.float32))
 
-  def update_fn(updates, state, params=None, *, agreement_signal=None, **extra_args):
-    del params, extra_args
+  def update_fn(updates, state, params=None, *, agreement_signal=None, task_mask=None,
+                **extra_args):
+    # task_mask needs no handling: masked tasks arrive as zero rows, which get weight exactly 0.
+    del params, extra_args, task_mask
     t = _base.num_tasks(updates)
     if num_tasks is not None and t != num_tasks:
       raise ValueError(
