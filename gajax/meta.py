@@ -2,7 +2,7 @@
 
 Data flow of one meta-step (everything inside one ``jit``)::
 
-    key -> task.sample -> per_task(learner.with_aux)(params, support, query)   # leaves [T, ...]
+    key, data -> task.sample -> per_task(learner.with_aux)(params, support, query)   # leaves [T, ...]
         -> tx.update(updates, opt_state, params[, agreement_signal=displacements])
         -> optax.apply_updates
 """
@@ -55,14 +55,14 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     learner: the one-task algorithm (see :mod:`gajax.algorithms`).
     tx: an optax transformation whose first element aggregates stacked updates (e.g.
       ``optax.chain(gajax.aggregators.gradient_agreement(), optax.adam(1e-3))``).
-    sample: ``(key, num_tasks) -> (support, query)``.
+    sample: ``(key, num_tasks, data) -> (support, query)``.
     num_tasks: the meta-batch size ``T``.
     signal: ``"self"`` lets the aggregator weigh the updates by themselves; ``"displacement"`` passes
       each task's inner displacement ``theta - theta_i`` as ``agreement_signal`` (the paper's MAML
       variant of gradient agreement).
 
   Returns:
-    ``meta_step(state) -> (state, metrics)``; metrics are float32 scalars: ``support_loss`` (before
+    ``meta_step(state, data=None) -> (state, metrics)``, ``data`` handed to ``sample``; metrics are float32 scalars: ``support_loss`` (before
     adaptation) and ``query_loss`` (after), averaged over tasks, ``update_norm``, and when the
     aggregator keeps them, ``weight_min``, ``weight_max`` and ``weight_negative`` (count), and
     ``skipped_tasks`` (non-finite tasks dropped by :func:`gajax.aggregators.skip_nonfinite_tasks`;
@@ -72,9 +72,9 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     raise ValueError(f"make_meta_step: signal must be 'self' or 'displacement', got {signal!r}.")
   batched = per_task(learner.with_aux)
 
-  def meta_step(state: MetaState):
+  def meta_step(state: MetaState, data: PyTree = None):
     key, task_key = jax.random.split(state.key)
-    support, query = sample(task_key, num_tasks)
+    support, query = sample(task_key, num_tasks, data)
     updates, aux = batched(state.params, support, query)
     extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
     step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)
@@ -102,14 +102,30 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
   return meta_step
 
 
-def make_block(meta_step: Callable, block_size: int) -> Callable:
-  """``block_size`` meta-steps in one ``lax.scan``: ``state -> (state, metrics stacked [block_size])``.
+def make_block(meta_step: Callable, block_size: int, *, scan: bool = True) -> Callable:
+  """``block_size`` meta-steps: ``(state, data) -> (state, metrics stacked [block_size])``.
 
-  Jit the result once; the host then only sees a state every ``block_size`` steps.
+  With ``scan=True`` the steps run in one ``lax.scan``: jit the result once and the host only sees a
+  state every ``block_size`` steps (fastest for small models). With ``scan=False`` the block is a
+  host loop over one jitted meta-step (the result is already compiled; do not jit it again). XLA's CPU
+  backend runs convolutions inside a ``while`` loop several times slower than at the top level of a
+  program (measured on Conv-4: BUILD.md), so convolutional models use ``scan=False``.
   """
-  def block(state):
-    return jax.lax.scan(lambda s, _: meta_step(s), state, None, length=block_size)
-  return block
+  if scan:
+    def block(state, data=None):
+      return jax.lax.scan(lambda s, _: meta_step(s, data), state, None, length=block_size)
+    return block
+
+  step = jax.jit(meta_step)
+
+  def host_block(state, data=None):
+    rows = []
+    for _ in range(block_size):
+      state, metrics = step(state, data)
+      rows.append(metrics)
+    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
+
+  return host_block
 
 
 def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -122,15 +138,17 @@ def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.mean(values), 1.96 * std / jnp.sqrt(n)
 
 
-def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
-                  chunk_size: int = 100) -> Callable[[PyTree, jax.Array], jax.Array]:
-  """Builds ``evaluate(params, key) -> per-task metric [num_tasks]`` on unseen tasks.
+def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *, chunk_size: int = 100,
+                  scan: bool = True) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """Builds ``evaluate(params, key, data=None) -> per-task metric [num_tasks]`` on unseen tasks.
 
+  ``data`` is handed to ``task.eval_sample`` (pass ``task.eval_data``).
   Each task: adapt on its support set with ``learner.adapt``, then ``task.metric_fn`` on its query
-  set. Tasks are processed ``chunk_size`` at a time (``vmap`` inside ``lax.map``) to bound memory;
-  every chunk draws its tasks from its own key, so the tasks depend on ``key``, ``num_tasks`` and
-  ``chunk_size`` only: two models evaluated with the same key see the same tasks. Summarise the
-  result with :func:`mean_ci95`.
+  set. Tasks are processed ``chunk_size`` at a time (``vmap``) to bound memory, the chunks inside one
+  ``lax.map`` (``scan=True``; jit the result) or in a host loop over a jitted chunk (``scan=False``,
+  for convolutional models, see :func:`make_block`). Every chunk draws its tasks from its own key, so
+  the tasks depend on ``key``, ``num_tasks`` and ``chunk_size`` only: two models evaluated with the
+  same key see the same tasks. Summarise the result with :func:`mean_ci95`.
   """
   if num_tasks < 1:
     raise ValueError(f"evaluate: num_tasks must be >= 1, got {num_tasks}.")
@@ -140,11 +158,20 @@ def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
   def one_task(params, support, query):
     return task.metric_fn(learner.adapt(params, support), query)
 
-  def evaluate(params, key):
-    def chunk(k):
-      support, query = task.eval_sample(k, chunk_size)
-      return jax.vmap(one_task, in_axes=(None, 0, 0))(params, support, query)
-    values = jax.lax.map(chunk, jax.random.split(key, num_chunks))
-    return jnp.reshape(values, (-1,))[:num_tasks]
+  def chunk(params, k, data):
+    support, query = task.eval_sample(k, chunk_size, data)
+    return jax.vmap(one_task, in_axes=(None, 0, 0))(params, support, query)
 
-  return evaluate
+  if scan:
+    def evaluate(params, key, data=None):
+      values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))
+      return jnp.reshape(values, (-1,))[:num_tasks]
+    return evaluate
+
+  jitted_chunk = jax.jit(chunk)
+
+  def host_evaluate(params, key, data=None):
+    values = [jitted_chunk(params, k, data) for k in jax.random.split(key, num_chunks)]
+    return jnp.concatenate(values)[:num_tasks]
+
+  return host_evaluate

@@ -24,10 +24,12 @@ from gajax.checkpoint import Checkpointer
 from gajax.tasks import binary, sinusoid
 from gajax.tasks.base import Task
 
-TASKS = ("sinusoid", "binary")
+TASKS = ("sinusoid", "binary", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
+SPLITS = ("maml", "lake")
+DOWNSAMPLES = ("stride", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,11 @@ class TrainConfig:
   num_iterations: int = 10_000
   shots: int = 10
   queries: int = 10
-  eval_queries: int = 100
+  eval_queries: int | None = None  # None: 100 points for sinusoid/binary, --queries for omniglot.
+  ways: int = 5  # omniglot only
+  data_dir: str = ""  # omniglot only; "" means $GAJAX_DATA_DIR
+  split: str = "maml"  # omniglot only
+  conv_downsample: str = "stride"  # omniglot only
   eval_tasks: int = 1000
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
@@ -70,9 +76,16 @@ class TrainConfig:
          "the displacement).")
     need(self.optimizer in OPTIMIZERS,
          f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
-    for name in ("meta_batch_size", "shots", "queries", "eval_queries", "eval_tasks",
-                 "num_iterations", "log_every"):
+    need(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}; got {self.split!r}.")
+    need(self.conv_downsample in DOWNSAMPLES,
+         f"--conv_downsample must be one of {', '.join(DOWNSAMPLES)}; got {self.conv_downsample!r}.")
+    need(self.eval_queries is None or self.eval_queries >= 1,
+         f"--eval_queries must be >= 1; got {self.eval_queries}.")
+    need(self.task != "omniglot" or self.ways >= 2, f"--ways must be >= 2; got {self.ways}.")
+    for name in ("meta_batch_size", "shots", "queries", "eval_tasks", "num_iterations", "log_every"):
       need(getattr(self, name) >= 1, f"--{name} must be >= 1; got {getattr(self, name)}.")
+    need(self.aggregator not in ("trimmed_mean", "krum") or self.meta_batch_size >= 3,
+         f"--aggregator={self.aggregator} needs --meta_batch_size >= 3.")
     need(self.inner_steps >= 0, f"--inner_steps must be >= 0; got {self.inner_steps}.")
     need(self.algorithm != "reptile" or self.inner_steps >= 1, "--inner_steps must be >= 1 for reptile.")
     need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,
@@ -87,22 +100,33 @@ class TrainConfig:
 
 def aggregator_names() -> tuple[str, ...]:
   """Names accepted by ``--aggregator``."""
-  registry = getattr(aggregators, "names", None)
-  return tuple(registry()) + ("agreement",) if registry else ("mean", "sum", "agreement")
+  return aggregators.names() + ("agreement",)
 
 
-def make_aggregator(name: str, num_tasks: int) -> optax.GradientTransformationExtraArgs:
-  """The aggregator called ``name``, sized for ``num_tasks`` tasks where its state needs it."""
-  if name in ("agreement", "gradient_agreement"):
-    return aggregators.gradient_agreement(num_tasks=num_tasks)
-  if hasattr(aggregators, "get"):
-    return aggregators.get(name, num_tasks=num_tasks)
-  return {"mean": aggregators.mean, "sum": aggregators.sum}[name]()
+def make_aggregator(name: str, num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """The aggregator called ``name`` with the settings scripts use.
+
+  Sized for ``num_tasks`` where its state needs it (agreement, GradVac); random ones (RLW, GradDrop)
+  get a key from ``seed``; ``trimmed_mean`` cuts one task at each end.
+  """
+  canonical = aggregators.registry.canonical_name(name)
+  kwargs = {"gradient_agreement": {"num_tasks": num_tasks}, "gradvac": {"num_tasks": num_tasks},
+            "trimmed_mean": {"trim": 1}}.get(canonical, {})
+  if canonical in ("random", "graddrop"):
+    kwargs["key"] = jax.random.fold_in(jax.random.PRNGKey(seed), 7)
+  return aggregators.get(canonical, **kwargs)
 
 
 def make_task(config: TrainConfig) -> Task:
-  kwargs = dict(shots=config.shots, queries=config.queries, eval_queries=config.eval_queries)
-  return {"sinusoid": sinusoid.make_task, "binary": binary.make_task}[config.task](**kwargs)
+  """The task distribution of ``config`` (Omniglot is loaded, through its cache, here)."""
+  if config.task == "omniglot":
+    from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
+    return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
+                              data_dir=config.data_dir or None, split=config.split,
+                              downsample=config.conv_downsample)
+  eval_queries = 100 if config.eval_queries is None else config.eval_queries
+  make = {"sinusoid": sinusoid.make_task, "binary": binary.make_task}[config.task]
+  return make(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
 
 
 def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -> algorithms.MetaLearner:
@@ -117,7 +141,7 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
 
 def make_tx(config: TrainConfig) -> optax.GradientTransformation:
   optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](config.outer_lr)
-  aggregator = make_aggregator(config.aggregator, config.meta_batch_size)
+  aggregator = make_aggregator(config.aggregator, config.meta_batch_size, config.seed)
   if config.skip_nonfinite:
     aggregator = aggregators.skip_nonfinite_tasks(aggregator)
   return optax.chain(aggregator, optimizer)
@@ -130,8 +154,9 @@ class Experiment(NamedTuple):
     config: the validated config.
     task: the task distribution.
     init: ``key -> MetaState``.
-    step: ``state -> (state, metrics)``, one meta-step (wrap blocks of it with ``meta.make_block``).
-    evaluate: ``(params, key) -> per-task metric [eval_tasks]``.
+    step: ``(state, data) -> (state, metrics)``, one meta-step (blocks: ``meta.make_block``); pass
+      ``task.train_data`` as ``data``.
+    evaluate: ``(params, key, data) -> per-task metric [eval_tasks]``; pass ``task.eval_data``.
   """
   config: TrainConfig
   task: Task
@@ -155,8 +180,31 @@ def make_experiment(config: TrainConfig) -> Experiment:
     return meta.init_state(train_key, params, tx)
 
   step = meta.make_meta_step(learner, tx, task.sample, config.meta_batch_size, signal=config.signal)
-  evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks)
+  evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks, scan=not uses_host_loops(task))
   return Experiment(config, task, init, step, evaluate)
+
+
+def uses_host_loops(task: Task) -> bool:
+  """Convolutional tasks loop over jitted steps on the host instead of ``lax.scan`` (see meta.make_block)."""
+  return task.name == "omniglot"
+
+
+def make_jit(task: Task, fn: Callable) -> Callable:
+  """``jax.jit(fn)``, unless ``fn`` already is a host loop over jitted pieces."""
+  return fn if uses_host_loops(task) else jax.jit(fn)
+
+
+def make_block(exp: Experiment, count: int, *, vmap_seeds: bool = False) -> Callable:
+  """A compiled block of ``count`` meta-steps ``(state, data) -> (state, metrics)``.
+
+  Generated tasks (small MLPs) run as one ``lax.scan``; Omniglot's Conv-4 runs a host loop over a
+  jitted step (see :func:`gajax.meta.make_block`). ``vmap_seeds`` batches the step over a leading
+  seed axis of the state.
+  """
+  step = jax.vmap(exp.step, in_axes=(0, None)) if vmap_seeds else exp.step
+  if uses_host_loops(exp.task):
+    return meta.make_block(step, count, scan=False)
+  return jax.jit(meta.make_block(step, count))
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -171,7 +219,7 @@ def _to_host(tree):
 
 # Settings that may change when a run is resumed: they do not change what the meta-steps compute.
 RESUMABLE_CHANGES = ("num_iterations", "eval_tasks", "eval_every", "eval_queries", "eval_inner_steps",
-                     "log_every")
+                     "log_every", "data_dir")
 
 
 def prepare_workdir(config: TrainConfig, workdir: str, overwrite: bool = False) -> None:
@@ -228,7 +276,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
   prepare_workdir(config, workdir, overwrite)
   train_key, eval_key = seed_keys(config.seed)
   blocks = {}  # block length -> jitted block of meta-steps
-  evaluate = jax.jit(exp.evaluate)
+  evaluate = make_jit(exp.task, exp.evaluate)
   state = exp.init(train_key)
   checkpointer = Checkpointer(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -250,15 +298,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
       count = min(config.log_every, config.num_iterations - done,
                   checkpoint_every - done % checkpoint_every)
       if count not in blocks:
-        blocks[count] = jax.jit(meta.make_block(exp.step, count))
-      state, metrics = blocks[count](state)
+        blocks[count] = make_block(exp, count)
+      state, metrics = blocks[count](state, exp.task.train_data)
       metrics = _to_host(metrics)
       for i in range(count):
         metrics_file.write(json.dumps({"step": done + i + 1, **{k: v[i] for k, v in metrics.items()}})
                            + "\n")
       done += count
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_iterations):
-        mean, ci = meta.mean_ci95(evaluate(state.params, eval_key))
+        mean, ci = meta.mean_ci95(evaluate(state.params, eval_key, exp.task.eval_data))
         metrics_file.write(json.dumps({"step": done, "eval_mean": float(mean),
                                        "eval_ci95": float(ci)}) + "\n")
       metrics_file.flush()
@@ -273,7 +321,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
                + (f"  skipped {skipped} non-finite tasks" if skipped else ""), flush=True)
   checkpointer.close()
 
-  values = evaluate(state.params, eval_key)
+  values = evaluate(state.params, eval_key, exp.task.eval_data)
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
@@ -304,14 +352,19 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
   while done < config.num_iterations:
     count = min(config.log_every, config.num_iterations - done)
     if count not in blocks:
-      blocks[count] = jax.jit(jax.vmap(meta.make_block(exp.step, count)))
-    state, metrics = blocks[count](state)
+      blocks[count] = make_block(exp, count, vmap_seeds=True)
+    state, metrics = blocks[count](state, exp.task.train_data)
     done += count
     loss = np.asarray(metrics["query_loss"]).mean(axis=1)
     print_fn(f"  step {done:>7d}/{config.num_iterations}  query_loss per seed "
              f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s",
              flush=True)
-  values = jax.jit(jax.vmap(exp.evaluate))(state.params, eval_keys)
+  if uses_host_loops(exp.task):
+    values = jnp.stack([exp.evaluate(jax.tree_util.tree_map(lambda x: x[i], state.params), k,
+                                     exp.task.eval_data) for i, k in enumerate(eval_keys)])
+  else:
+    values = jax.jit(jax.vmap(exp.evaluate, in_axes=(0, 0, None)))(state.params, eval_keys,
+                                                                      exp.task.eval_data)
   means, cis = jax.vmap(meta.mean_ci95)(values)
   return {"metric": exp.task.metric, "per_seed": np.asarray(means).tolist(),
           "per_seed_ci95": np.asarray(cis).tolist(), "seconds": time.perf_counter() - start}

@@ -28,9 +28,17 @@ flags.DEFINE_integer("inner_steps", _D.inner_steps, "Inner gradient steps per ta
 flags.DEFINE_float("inner_lr", _D.inner_lr, "Inner learning rate (Meta-SGD: its initial value).")
 flags.DEFINE_float("outer_lr", _D.outer_lr, "Outer learning rate.")
 flags.DEFINE_integer("num_iterations", _D.num_iterations, "Meta-steps.")
-flags.DEFINE_integer("shots", _D.shots, "Support points per task.")
-flags.DEFINE_integer("queries", _D.queries, "Query points per training task.")
-flags.DEFINE_integer("eval_queries", _D.eval_queries, "Query points per evaluation task.")
+flags.DEFINE_integer("shots", _D.shots, "Support points per task (per class for omniglot).")
+flags.DEFINE_integer("queries", _D.queries, "Query points per training task (per class for omniglot).")
+flags.DEFINE_integer("eval_queries", None, "Query points per evaluation task (per class for omniglot; "
+                     "default: 100 points for sinusoid/binary, --queries for omniglot).")
+flags.DEFINE_integer("ways", _D.ways, "Omniglot: classes per task (N-way).")
+flags.DEFINE_string("data_dir", _D.data_dir, "Omniglot: the tarball, the official zips' folder or an "
+                    "unpacked folder (default: $GAJAX_DATA_DIR).")
+flags.DEFINE_string("split", _D.split, "Omniglot: 'maml' (1200 training characters) or 'lake' "
+                    "(background/evaluation).")
+flags.DEFINE_string("conv_downsample", _D.conv_downsample, "Omniglot Conv-4: 'stride' (stride-2 convs, "
+                    "MAML on Omniglot) or 'pool' (max-pooling).")
 flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final evaluation.")
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")

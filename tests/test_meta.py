@@ -37,7 +37,7 @@ def test_displacement_signal_sets_the_weights():
   new_state, _ = jax.jit(step)(state)
   # Recompute by hand: same tasks (same key split), displacement-based weights.
   _, task_key = jax.random.split(state.key)
-  support, query = task.sample(task_key, 6)
+  support, query = task.sample(task_key, 6, None)
   _, aux = algorithms.per_task(learner.with_aux)(state.params, support, query)
   want = aggregators.agreement_weights(aux.displacement)
   got = optax.tree_utils.tree_get(new_state.opt_state, "weights")
@@ -72,7 +72,7 @@ def test_evaluate_is_adapt_then_metric_per_task():
                                                                         jax.random.PRNGKey(5))
   assert values.shape == (7,)
   keys = jax.random.split(jax.random.PRNGKey(5), 3)
-  support, query = task.eval_sample(keys[1], 3)  # tasks 3..5 come from the second chunk's key
+  support, query = task.eval_sample(keys[1], 3, None)  # tasks 3..5 come from the second chunk's key
   for i in range(3):
     s = jax.tree_util.tree_map(lambda x: x[i], support)
     q = jax.tree_util.tree_map(lambda x: x[i], query)
@@ -100,7 +100,7 @@ def test_short_training_beats_the_untrained_model(task_name, algorithm, inner_lr
 
 def test_binary_labels_follow_a_learnable_rule():
   task = binary.make_task()
-  support, query = task.sample(jax.random.PRNGKey(0), 64)
+  support, query = task.sample(jax.random.PRNGKey(0), 64, None)
   labels = np.concatenate([np.asarray(support["y"]).ravel(), np.asarray(query["y"]).ravel()])
   assert set(np.unique(labels)) == {0, 1}
   assert 0.3 < labels.mean() < 0.7

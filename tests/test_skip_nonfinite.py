@@ -59,8 +59,8 @@ def test_all_tasks_nonfinite_leaves_params_and_adam_state_unchanged():
   state = meta.init_state(jax.random.PRNGKey(0), task.init_params(jax.random.PRNGKey(1)), tx)
   state, _ = jax.jit(good)(state)  # one real step so Adam's moments are non-zero
 
-  def poisoned(key, n):
-    support, query = task.sample(key, n)
+  def poisoned(key, n, data):
+    support, query = task.sample(key, n, data)
     return support, {"x": query["x"], "y": query["y"] * np.nan}
 
   bad_step = jax.jit(meta.make_meta_step(learner, tx, poisoned, 3))

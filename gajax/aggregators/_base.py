@@ -237,7 +237,12 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
-    scales = power_of_two_scale(task_max_abs(updates))
+    peaks = task_max_abs(updates)
+    scales = power_of_two_scale(peaks)
+    # A zero task keeps scale 1 from power_of_two_scale; give it the largest scale of the others so
+    # that it never sets max_i s_i or min_i s_i by itself.
+    top = jnp.max(jnp.where(peaks > 0, scales, 0.0))
+    scales = jnp.where(peaks > 0, scales, jnp.where(top > 0, top, 1.0))
     scaled = scale_tasks(updates, 1.0 / scales)
     weights = weighting(gramian(scaled), scales)
     return cast_like(weighted_sum(scaled, weights), updates), state

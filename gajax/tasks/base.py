@@ -14,19 +14,25 @@ class Task(NamedTuple):
 
   Attributes:
     name: short name used in flags and logs.
-    sample: ``(key, num_tasks) -> (support, query)``, pytrees with a leading task axis ``T``; pure
-      and jittable (sampling runs on the device).
-    eval_sample: like ``sample``, for evaluation tasks (may draw more query points, or use held-out
-      classes).
+    sample: ``(key, num_tasks, data) -> (support, query)``, pytrees with a leading task axis ``T``;
+      pure and jittable (sampling runs on the device). ``data`` is ``train_data``.
+    eval_sample: like ``sample``, for evaluation tasks, called with ``eval_data`` (may draw more query
+      points, or use held-out classes).
+    train_data: arrays the training sampler draws from (``None`` for generated tasks). They are
+      passed to the jitted step as an argument, not closed over, so that a data set resident on the
+      device is not baked into the compiled program as a constant.
+    eval_data: arrays the evaluation sampler draws from.
     init_params: ``key -> params`` of the model.
     loss_fn: ``(params, batch) -> scalar`` training loss for one task's batch.
     metric_fn: ``(params, batch) -> scalar`` reported metric for one task's batch.
     metric: the metric's name, ``"mse"`` or ``"accuracy"`` (accuracy as a fraction in [0, 1]).
   """
   name: str
-  sample: Callable[[jax.Array, int], tuple[PyTree, PyTree]]
-  eval_sample: Callable[[jax.Array, int], tuple[PyTree, PyTree]]
+  sample: Callable[[jax.Array, int, PyTree], tuple[PyTree, PyTree]]
+  eval_sample: Callable[[jax.Array, int, PyTree], tuple[PyTree, PyTree]]
   init_params: Callable[[jax.Array], PyTree]
   loss_fn: Callable[[PyTree, PyTree], jax.Array]
   metric_fn: Callable[[PyTree, PyTree], jax.Array]
   metric: str
+  train_data: PyTree = None
+  eval_data: PyTree = None

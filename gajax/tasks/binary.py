@@ -20,9 +20,13 @@ from gajax.models import MLP
 from gajax.tasks.base import Task
 
 
-def sample_tasks(key: jax.Array, num_tasks: int, shots: int, queries: int, *, w_star: jax.Array,
-                 task_spread: float):
-  """Draws tasks and points. Returns dicts with ``"x"`` ``[T, n, d]`` float32 and ``"y"`` ``[T, n]`` int32."""
+def sample_tasks(key: jax.Array, num_tasks: int, data=None, *, shots: int, queries: int,
+                 w_star: jax.Array, task_spread: float):
+  """Draws tasks and points. Returns dicts with ``"x"`` ``[T, n, d]`` float32 and ``"y"`` ``[T, n]`` int32.
+
+  ``data`` is unused (the tasks are generated).
+  """
+  del data
   k_rule, k_x = jax.random.split(key)
   dim = w_star.shape[0]
   rules = w_star + task_spread * jax.random.normal(k_rule, (num_tasks, dim))

@@ -81,7 +81,11 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
+
+from gajax.models import Conv4
+from gajax.tasks.base import Task
 
 PathLike = Union[str, os.PathLike]
 
@@ -805,3 +809,61 @@ def make_sampler(images: np.ndarray, ways: int, shots: int, queries: int,
     return sample_tasks(key, images, num_tasks, ways, shots, queries, rotations)
 
   return sample
+
+
+# ----------------------------------------------------------------------------------------------------
+# The task distribution for training.
+
+
+def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Optional[int] = None, *,
+              data_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
+              split: str = "maml", split_seed: int = 0, rotations: bool = True,
+              downsample: str = "stride", filters: int = 64):
+  """N-way K-shot Omniglot with MAML's Conv-4 learner (:class:`gajax.models.Conv4`).
+
+  Training tasks come from the meta-training characters of ``split``, evaluation tasks from the test
+  characters; both uint8 splits are moved to the device once and handed to the samplers as
+  ``train_data`` / ``eval_data`` (never closed over). Loss: softmax cross-entropy; metric: accuracy as
+  a fraction. Batch norm uses the statistics of the batch it sees (support during adaptation, query
+  when scored), as in MAML; see :class:`gajax.models.BatchStatNorm`.
+
+  Args:
+    ways, shots, queries: N, K, and query examples per class of training tasks.
+    eval_queries: query examples per class of evaluation tasks (default: ``queries``).
+    data_dir: the data path for :func:`load_omniglot` (None: ``$GAJAX_DATA_DIR``).
+    split, split_seed: see :func:`split_indices`.
+    rotations: 90/180/270-degree rotations as extra classes.
+    downsample, filters: Conv-4's down-sampling (``"stride"`` or ``"pool"``) and width.
+  """
+  eval_queries = queries if eval_queries is None else eval_queries
+  data = load_omniglot(data_dir, cache_dir)
+  train_images, test_images = split_omniglot(data, split=split, seed=split_seed)
+  for images, q in ((train_images, queries), (test_images, eval_queries)):
+    _num_classes(images.shape, ways, shots, q, rotations)
+  model = Conv4(num_classes=ways, filters=filters, downsample=downsample)
+  size = data.images.shape[-1]
+
+  def loss_fn(params, batch):
+    logits = model.apply(params, batch["x"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+  def accuracy(params, batch):
+    return jnp.mean((jnp.argmax(model.apply(params, batch["x"]), -1) == batch["y"]).astype(jnp.float32))
+
+  def sample(key, num_tasks, images):
+    return sample_tasks(key, images, num_tasks, ways, shots, queries, rotations)
+
+  def eval_sample(key, num_tasks, images):
+    return sample_tasks(key, images, num_tasks, ways, shots, eval_queries, rotations)
+
+  return Task(
+      name="omniglot",
+      sample=sample,
+      eval_sample=eval_sample,
+      init_params=lambda key: model.init(key, jnp.zeros((ways * shots, size, size, 1), jnp.float32)),
+      loss_fn=loss_fn,
+      metric_fn=accuracy,
+      metric="accuracy",
+      train_data=jnp.asarray(train_images),
+      eval_data=jnp.asarray(test_images),
+  )

@@ -19,13 +19,16 @@ PHASE = (0.0, 2.0 * jnp.pi)
 INPUT_RANGE = (-5.0, 5.0)
 
 
-def sample_tasks(key: jax.Array, num_tasks: int, shots: int, queries: int):
+def sample_tasks(key: jax.Array, num_tasks: int, data=None, *, shots: int, queries: int):
   """Draws ``num_tasks`` sinusoids and ``shots`` support / ``queries`` query points of each.
+
+  ``data`` is unused (the tasks are generated); it is there to match :class:`~gajax.tasks.base.Task`.
 
   Returns:
     ``(support, query)``, dicts with ``"x"`` and ``"y"`` of shapes ``[T, shots, 1]`` and
     ``[T, queries, 1]`` (float32). Support and query points are independent draws.
   """
+  del data
   k_amp, k_phase, k_x = jax.random.split(key, 3)
   amp = jax.random.uniform(k_amp, (num_tasks, 1, 1), minval=AMPLITUDE[0], maxval=AMPLITUDE[1])
   phase = jax.random.uniform(k_phase, (num_tasks, 1, 1), minval=PHASE[0], maxval=PHASE[1])

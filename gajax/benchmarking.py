@@ -1,0 +1,175 @@
+"""Small timing helpers for ``scripts/benchmark.py``: medians of repeated, synchronised calls.
+
+Every measurement calls ``jax.block_until_ready`` on the result, so the time covers the computation
+and not only its asynchronous dispatch. Comparisons between functions (``compare``) interleave their
+repeats (A, B, A, B, ... in a rotating order) inside one process: on a shared machine the load drifts
+over seconds, and interleaving makes that drift hit every contender alike, so the *ratio* of two
+medians is far steadier than either time alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+
+class Timing(NamedTuple):
+  """Seconds per call: the median, min and max over repeats, and the raw samples."""
+  median: float
+  min: float
+  max: float
+  samples: tuple[float, ...]
+
+  @property
+  def median_ms(self) -> float:
+    return 1e3 * self.median
+
+  def as_ms(self) -> dict:
+    """``{"median_ms", "min_ms", "max_ms", "repeats"}`` for JSON rows."""
+    return {"median_ms": 1e3 * self.median, "min_ms": 1e3 * self.min, "max_ms": 1e3 * self.max,
+            "repeats": len(self.samples)}
+
+
+def _timing(samples: Sequence[float]) -> Timing:
+  samples = tuple(float(s) for s in samples)
+  return Timing(float(np.median(samples)), min(samples), max(samples), samples)
+
+
+def _call_once(fn: Callable, args: tuple) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def _calibrate(fn: Callable, args: tuple, min_sample_s: float) -> int:
+  """Calls per sample so that one sample lasts at least ``min_sample_s`` (fast calls are noisy alone)."""
+  once = max(_call_once(fn, args), 1e-7)
+  return max(1, int(np.ceil(min_sample_s / once)))
+
+
+def _sample(fn: Callable, args: tuple, number: int) -> float:
+  """Mean seconds per call over ``number`` back-to-back calls, each synchronised."""
+  start = time.perf_counter()
+  for _ in range(number):
+    jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - start) / number
+
+
+def time_fn(fn: Callable, *args: Any, repeats: int = 10, warmup: int = 2,
+            min_sample_s: float = 0.0) -> Timing:
+  """Times ``fn(*args)``: ``warmup`` untimed calls (compilation, caches), then ``repeats`` samples.
+
+  Args:
+    fn: the function, typically jitted; its result is waited for with ``jax.block_until_ready``.
+    repeats: timed samples; the :class:`Timing` summarises them.
+    warmup: untimed calls first (at least one is made: the first call of a jitted function compiles).
+    min_sample_s: when > 0, each sample averages as many back-to-back calls as needed to last this
+      long, so that microsecond-scale functions are not dominated by timer and scheduler noise.
+  """
+  return compare({"fn": (fn, args)}, repeats=repeats, warmup=warmup,
+                 min_sample_s=min_sample_s)["fn"]
+
+
+def compare(contenders: Mapping[str, tuple[Callable, tuple]], *, repeats: int = 10,
+            warmup: int = 2, min_sample_s: float = 0.0) -> dict[str, Timing]:
+  """Times several ``name -> (fn, args)`` with their repeats interleaved; returns ``name -> Timing``.
+
+  Repeat ``r`` runs one sample of every contender, starting from contender ``r mod n``, so no
+  contender is always first (right after another's memory traffic) or always last.
+  """
+  if repeats < 1:
+    raise ValueError(f"compare: repeats must be >= 1, got {repeats}.")
+  names = list(contenders)
+  for name in names:  # Compile (and warm caches) everything before any sample is taken.
+    fn, args = contenders[name]
+    for _ in range(max(1, warmup)):
+      _call_once(fn, args)
+  numbers = {name: (_calibrate(*contenders[name], min_sample_s) if min_sample_s > 0 else 1)
+             for name in names}
+  samples: dict[str, list[float]] = {name: [] for name in names}
+  for r in range(repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      fn, args = contenders[name]
+      samples[name].append(_sample(fn, args, numbers[name]))
+  return {name: _timing(samples[name]) for name in names}
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> dict:
+  """Ratio of two interleaved timings: the ratio of medians, and min/max of the per-repeat ratios.
+
+  Sample ``r`` of both was taken in the same round of :func:`compare`, under the same load, so the
+  per-repeat ratios show how steady the comparison is.
+  """
+  per_repeat = [a / b for a, b in zip(numerator.samples, denominator.samples)]
+  return {"ratio": numerator.median / denominator.median,
+          "ratio_min": min(per_repeat), "ratio_max": max(per_repeat)}
+
+
+def cpu_name() -> str:
+  """The CPU model from ``/proc/cpuinfo`` where there is one, else ``platform.processor()``."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def device_string() -> str:
+  """One line naming the JAX backend device, e.g. ``"cpu: AMD EPYC, 2 cores, jax 0.10.2"``."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {cpu_name()}, {cores} cores, jax {jax.__version__}"
+  return f"{device.platform}: {device.device_kind}, jax {jax.__version__}"
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Makes ``jax.lax.scan`` unroll fully while the context is open (for FLOP counting only).
+
+  XLA's cost analysis counts the body of a ``while`` loop once, whatever its trip count, so a
+  ``lax.scan`` of ``k`` inner steps would be reported as one. Tracing with every scan unrolled turns
+  the loop into straight-line code whose operations XLA counts one by one. Only code that looks
+  ``jax.lax.scan`` up at call time (as :func:`gajax.adaptation.adapt` does) is affected.
+  """
+  original = jax.lax.scan
+
+  @functools.wraps(original)
+  def scan(*args, **kwargs):
+    kwargs["unroll"] = True
+    return original(*args, **kwargs)
+
+  jax.lax.scan = scan
+  try:
+    yield
+  finally:
+    jax.lax.scan = original
+
+
+def xla_flops(fn: Callable, *args: Any, unroll: bool = True) -> float:
+  """FLOPs of one call of ``fn(*args)`` from XLA's cost analysis of the compiled program.
+
+  ``compiled.cost_analysis()`` returns a dict in current JAX (a list of one dict per program in some
+  older versions); both are accepted. With ``unroll=True`` scans are unrolled for the count (see
+  :func:`unrolled_scans`); the timed program itself is never changed.
+  """
+  fn = getattr(fn, "__wrapped__", fn)  # A jitted function: count its Python function, retraced.
+  context = unrolled_scans() if unroll else contextlib.nullcontext()
+  with context:
+    # A fresh wrapper, so that a trace cached for `fn` (with rolled scans) is not reused.
+    compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))

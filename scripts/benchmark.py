@@ -1,0 +1,630 @@
+"""Benchmarks of gajax: aggregators, meta-steps, achieved FLOP/s, and a PyTorch MAML baseline.
+
+    python scripts/benchmark.py --suite=all --json=bench.json --markdown=bench.md
+    python scripts/benchmark.py --suite=aggregators --quick          # tiny sizes, seconds
+
+Suites (``--suite``):
+  aggregators  each registered aggregator's jitted ``tx.update`` on a stacked pytree (2 leaves), for
+               T tasks and P parameters, as a ratio to ``mean`` timed in the same process.
+  meta_step    meta-iterations/s of the jitted meta-step (sampling, per-task updates, aggregation,
+               Adam) for sinusoid regression and Conv-4 on random Omniglot-shaped images, MAML / FOMAML /
+               Reptile x mean / gradient agreement; vmap over tasks vs a Python loop over tasks; one
+               jit call per step vs a ``lax.scan`` block of 10 steps.
+  flops        achieved FLOP/s of MAML meta-steps (XLA cost analysis) against a float32 2048x2048
+               matrix product timed in the same run.
+  peers        the same MAML configs written in plain PyTorch (optional: needs torch, see
+               requirements-bench.txt); ratio torch_ms / jax_ms.
+
+Every comparison is timed inside one process with interleaved repeats (see gajax/benchmarking.py);
+rows give the median, min and max over ``--repeats`` samples taken after ``--warmup`` calls. The
+markdown table is printed last; ``--json`` gets every row.
+"""
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import json
+import os
+import shlex
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gajax import algorithms, benchmarking, meta
+from gajax.models import Conv4, MLP
+from gajax.tasks import sinusoid
+from gajax.train import make_aggregator
+# pylint: enable=wrong-import-position
+
+SUITES = ("aggregators", "meta_step", "flops", "peers")
+flags.DEFINE_enum("suite", "all", SUITES + ("all",), "Which suite to run.")
+flags.DEFINE_string("json", None, "Write every row here as JSON.")
+flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
+flags.DEFINE_integer("repeats", 7, "Timed samples per measurement (the big Conv-4 configs use fewer, "
+                     "see --max_repeats_slow).")
+flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (the first one compiles).")
+flags.DEFINE_integer("max_repeats_slow", 3, "Cap on repeats for measurements slower than 1 s per call "
+                     "(the 20-way Conv-4 meta-steps), to keep --suite=all within ~15 minutes.")
+flags.DEFINE_bool("quick", False, "Tiny sizes and few repeats: checks that every suite runs.")
+flags.DEFINE_list("aggregators", None, "Aggregators for the aggregators suite (default: all "
+                  "registered; with --quick: mean, gradient_agreement).")
+FLAGS = flags.FLAGS
+
+BLOCK = 10  # Steps per lax.scan block in the jit-per-step comparison.
+
+
+def log(msg):
+  print(msg, flush=True)
+
+
+def repeats_for(seconds_per_call: float) -> tuple[int, int]:
+  """(repeats, warmup): slow calls get fewer repeats and a single warm-up (the compiling call)."""
+  if seconds_per_call > 1.0:
+    return min(FLAGS.repeats, FLAGS.max_repeats_slow), 1
+  return FLAGS.repeats, FLAGS.warmup
+
+
+def row(suite, config, timing, device=None, **extra):
+  return {"suite": suite, "config": config, "device": device or benchmarking.device_string(),
+          **timing.as_ms(), **extra}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aggregators.
+
+
+def aggregator_names():
+  """Registered names (the registry is optional: without it, the two built into the package)."""
+  try:
+    registry = importlib.import_module("gajax.aggregators.registry")
+    return list(registry.names()), registry
+  except ImportError:
+    return ["mean", "gradient_agreement"], None
+
+
+def build_aggregator(name, registry, num_tasks):
+  """The aggregator ``name`` with the arguments its factory requires, sized for ``num_tasks``."""
+  if registry is None:
+    return make_aggregator(name, num_tasks)
+  params = inspect.signature(registry.factory(name)).parameters
+  kwargs = {}
+  if "num_tasks" in params:
+    kwargs["num_tasks"] = num_tasks
+  if "trim" in params:  # Trimmed mean needs T > 2 * trim: cut a quarter of the tasks at each end.
+    kwargs["trim"] = (num_tasks - 1) // 4
+  return registry.get(name, **kwargs)
+
+
+def stacked_updates(key, num_tasks, num_params):
+  """``num_params`` split over two leaves, ``[T, P/2]`` and ``[T, P/200, 100]``: per-task ``c + noise``.
+
+  A shared component makes the tasks agree on average, as meta-gradients do, so conflict-based
+  methods take their usual branches rather than the all-orthogonal special case.
+  """
+  half = num_params // 2
+  shapes = [(half,), (half // 100, 100)]
+  leaves = []
+  for i, shape in enumerate(shapes):
+    k_common, k_noise = jax.random.split(jax.random.fold_in(key, i))
+    common = jax.random.normal(k_common, shape)
+    noise = jax.random.normal(k_noise, (num_tasks,) + shape)
+    leaves.append(common + 2.0 * noise)
+  return {"w": leaves[0], "b": leaves[1]}
+
+
+def suite_aggregators(rows):
+  names, registry = aggregator_names()
+  if FLAGS.aggregators:
+    wanted = FLAGS.aggregators
+  elif FLAGS.quick:
+    wanted = ["mean", "gradient_agreement"]
+  else:
+    wanted = names
+  for name in wanted:
+    if name not in names:
+      log(f"aggregators: skipping {name!r}: not registered (have: {', '.join(names)}).")
+  wanted = [n for n in wanted if n in names]
+  if "mean" not in wanted:
+    wanted = ["mean"] + wanted
+  tasks = (2, 4) if FLAGS.quick else (2, 8, 32, 128)
+  sizes = (1_000,) if FLAGS.quick else (10_000, 1_000_000)
+  for num_params in sizes:
+    for num_tasks in tasks:
+      updates = stacked_updates(jax.random.PRNGKey(0), num_tasks, num_params)
+      params = jax.tree_util.tree_map(lambda x: x[0], updates)
+      contenders = {}
+      for name in wanted:
+        try:
+          tx = build_aggregator(name, registry, num_tasks)
+          state = tx.init(params)
+          fn = jax.jit(functools.partial(lambda tx, u, s, p: tx.update(u, s, p), tx))
+          jax.block_until_ready(fn(updates, state, params))  # Compile now: failures skip the name.
+        except Exception as e:  # pylint: disable=broad-except
+          log(f"aggregators: skipping {name!r} at T={num_tasks}, P={num_params:g}: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+          continue
+        contenders[name] = (fn, (updates, state, params))
+      config = f"T={num_tasks} P={num_params:.0e}"
+      log(f"aggregators: {config}: timing {len(contenders)} aggregators, interleaved")
+      # Each sample lasts >= 20 ms: the small configs take microseconds per call.
+      timings = benchmarking.compare(contenders, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                                     min_sample_s=0.002 if FLAGS.quick else 0.02)
+      for name, timing in timings.items():
+        rows.append(row("aggregators", f"{name} {config}", timing, aggregator=name,
+                        num_tasks=num_tasks, num_params=num_params, baseline="mean",
+                        **benchmarking.paired_ratio(timing, timings["mean"])))
+      del updates, contenders
+
+
+# ---------------------------------------------------------------------------------------------------
+# Meta-step configurations.
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaConfig:
+  """One meta-learning workload. ``task``: ``"sinusoid"`` or ``"omniglot"`` (random images)."""
+  name: str
+  task: str
+  num_tasks: int
+  inner_steps: int
+  inner_lr: float
+  shots: int
+  queries: int  # Sinusoid: query points per task. Omniglot: query images per class.
+  ways: int = 1
+  downsample: str = "stride"
+  hidden: int = 64  # MLP width (sinusoid) or Conv-4 filters (omniglot).
+  image_size: int = 28
+
+  def describe(self):
+    if self.task == "sinusoid":
+      return (f"sinusoid MLP 1-{self.hidden}-{self.hidden}-1, {self.shots}+{self.queries} pts, "
+              f"{self.num_tasks} tasks, {self.inner_steps} steps")
+    return (f"Conv-4/{self.downsample} {self.ways}-way {self.shots}-shot, {self.num_tasks} tasks, "
+            f"{self.inner_steps} steps")
+
+
+def meta_configs():
+  if FLAGS.quick:
+    return [
+        MetaConfig("sinusoid", "sinusoid", 4, 2, 0.01, 5, 5, hidden=8),
+        MetaConfig("omni2w_stride", "omniglot", 2, 1, 0.4, 1, 1, ways=2, hidden=4),
+        MetaConfig("omni2w_pool", "omniglot", 2, 1, 0.4, 1, 1, ways=2, downsample="pool", hidden=4),
+    ]
+  configs = [MetaConfig("sinusoid", "sinusoid", 25, 5, 0.01, 10, 10)]
+  for downsample in ("stride", "pool"):
+    # MAML's Omniglot settings: 5-way 1-shot, meta-batch 32, 1 inner step, alpha = 0.4;
+    # 20-way 1-shot, meta-batch 16, 5 inner steps, alpha = 0.1. One query image per class.
+    configs.append(MetaConfig(f"omni5w_{downsample}", "omniglot", 32, 1, 0.4, 1, 1, ways=5,
+                              downsample=downsample))
+    configs.append(MetaConfig(f"omni20w_{downsample}", "omniglot", 16, 5, 0.1, 1, 1, ways=20,
+                              downsample=downsample))
+  return configs
+
+
+def omniglot_like(cfg):
+  """``(sample, loss_fn, init_params)`` for Conv-4 on random 28x28x1 images with class-major labels.
+
+  The images are random (no dataset needed), drawn on the device inside the meta-step as the real
+  Omniglot sampler does; the cost of a meta-step does not depend on pixel values.
+  """
+  model = Conv4(num_classes=cfg.ways, filters=cfg.hidden, downsample=cfg.downsample)
+  size = cfg.image_size
+
+  def draw(key, num_tasks, per_class):
+    images = jax.random.uniform(key, (num_tasks, cfg.ways * per_class, size, size, 1))
+    labels = jnp.broadcast_to(jnp.repeat(jnp.arange(cfg.ways), per_class),
+                              (num_tasks, cfg.ways * per_class))
+    return {"x": images, "y": labels}
+
+  def sample(key, num_tasks, data=None):
+    del data  # Generated images: nothing to draw from.
+    k_support, k_query = jax.random.split(key)
+    return draw(k_support, num_tasks, cfg.shots), draw(k_query, num_tasks, cfg.queries)
+
+  def loss_fn(params, batch):
+    logits = model.apply(params, batch["x"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+  def init_params(key):
+    return model.init(key, jnp.zeros((1, size, size, 1), jnp.float32))
+
+  return sample, loss_fn, init_params
+
+
+def workload(cfg):
+  """``(sample, loss_fn, init_params)`` of a :class:`MetaConfig`."""
+  if cfg.task == "sinusoid":
+    task = sinusoid.make_task(shots=cfg.shots, queries=cfg.queries, hidden=(cfg.hidden, cfg.hidden))
+    return task.sample, task.loss_fn, task.init_params
+  return omniglot_like(cfg)
+
+
+def make_learner(cfg, algorithm, loss_fn):
+  if algorithm == "reptile":
+    return algorithms.reptile(loss_fn, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr)
+  return algorithms.maml(loss_fn, inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
+                         first_order=algorithm == "fomaml")
+
+
+@functools.lru_cache(maxsize=None)
+def meta_step(cfg, algorithm, aggregator):
+  """``(step, jitted step, state)`` for one workload; cached, so suites share compiled steps."""
+  sample, loss_fn, init_params = workload(cfg)
+  tx = optax.chain(make_aggregator(aggregator, cfg.num_tasks), optax.adam(1e-3))
+  step = meta.make_meta_step(make_learner(cfg, algorithm, loss_fn), tx, sample, cfg.num_tasks)
+  state = meta.init_state(jax.random.PRNGKey(1), init_params(jax.random.PRNGKey(0)), tx)
+  return step, jax.jit(step), state
+
+
+def probe_seconds(fn, *args):
+  """Seconds of one call after the compiling one (to choose repeats for slow configs)."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def time_meta_steps(cfg, pairs):
+  """Interleaved timings of ``(algorithm, aggregator)`` meta-steps of ``cfg``: ``pair -> Timing``."""
+  contenders = {}
+  for algorithm, aggregator in pairs:
+    _, jitted, state = meta_step(cfg, algorithm, aggregator)
+    contenders[(algorithm, aggregator)] = (jitted, (state,))
+  slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
+  repeats, warmup = repeats_for(slowest)
+  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+
+
+def loop_vs_vmap(cfg):
+  """MAML's per-task updates by ``vmap`` (one jit) vs a Python loop calling a jitted one-task fn.
+
+  Both start from the same pre-sampled meta-batch and end with the same jitted mean + Adam update,
+  so the difference is the per-task part alone: one batched program vs ``T`` dispatches of a
+  single-task program (how PyTorch MAML code, e.g. learn2learn's examples, is usually written).
+  """
+  sample, loss_fn, init_params = workload(cfg)
+  learner = make_learner(cfg, "maml", loss_fn)
+  tx = optax.chain(make_aggregator("mean", cfg.num_tasks), optax.adam(1e-3))
+  params = init_params(jax.random.PRNGKey(0))
+  opt_state = tx.init(params)
+  support, query = jax.jit(sample, static_argnums=1)(jax.random.PRNGKey(1), cfg.num_tasks)
+
+  def apply(params, opt_state, stacked):
+    updates, opt_state = tx.update(stacked, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  @jax.jit
+  def vmapped(params, opt_state, support, query):
+    return apply(params, opt_state, algorithms.per_task(learner)(params, support, query))
+
+  single = jax.jit(learner)
+  # Stacking the per-task updates happens inside the jitted apply: one dispatch, not one per leaf.
+  apply_list = jax.jit(lambda p, s, updates: apply(p, s, jax.tree_util.tree_map(
+      lambda *u: jnp.stack(u), *updates)))
+  tasks = [jax.tree_util.tree_map(lambda x, i=i: x[i], (support, query))
+           for i in range(cfg.num_tasks)]
+
+  def looped(params, opt_state):
+    return apply_list(params, opt_state, [single(params, s, q) for s, q in tasks])
+
+  contenders = {"vmap": (vmapped, (params, opt_state, support, query)),
+                "loop": (looped, (params, opt_state))}
+  repeats, warmup = repeats_for(probe_seconds(looped, params, opt_state))
+  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+
+
+def jit_vs_scan(cfg):
+  """``BLOCK`` meta-steps: ``BLOCK`` calls of the jitted step vs one jitted ``lax.scan`` block."""
+  step, jitted, state = meta_step(cfg, "maml", "mean")
+  block = jax.jit(meta.make_block(step, BLOCK))
+
+  def per_step(state):
+    for _ in range(BLOCK):
+      state, _ = jitted(state)
+    return state
+
+  contenders = {"scan": (lambda s: block(s)[0], (state,)), "jit_per_step": (per_step, (state,))}
+  repeats, warmup = repeats_for(probe_seconds(per_step, state))
+  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+
+
+def suite_meta_step(rows):
+  configs = meta_configs()
+  algos = ("maml",) if FLAGS.quick else ("maml", "fomaml", "reptile")
+  pairs = [(a, g) for a in algos for g in ("mean", "gradient_agreement")]
+  for cfg in configs:
+    log(f"meta_step: {cfg.describe()}: {len(pairs)} variants, interleaved")
+    timings = time_meta_steps(cfg, pairs)
+    for (algorithm, aggregator), timing in timings.items():
+      extra = {}
+      if aggregator != "mean":
+        extra = {"baseline": f"{algorithm}+mean",
+                 **benchmarking.paired_ratio(timing, timings[(algorithm, "mean")])}
+      rows.append(row("meta_step", f"{cfg.name} {algorithm}+{aggregator}", timing,
+                      workload=cfg.describe(), algorithm=algorithm, aggregator=aggregator,
+                      its_per_s=1.0 / timing.median, **extra))
+  # The dispatch comparisons: the sinusoid (tiny programs, dispatch-bound) and 5-way Conv-4.
+  for cfg in configs[:1 if FLAGS.quick else 2]:
+    log(f"meta_step: {cfg.describe()}: vmap vs Python loop over tasks (MAML)")
+    timings = loop_vs_vmap(cfg)
+    for name, timing in timings.items():
+      extra = {"baseline": "vmap", **benchmarking.paired_ratio(timing, timings["vmap"])}
+      rows.append(row("meta_step", f"{cfg.name} maml per-task {name}", timing,
+                      workload=cfg.describe(), its_per_s=1.0 / timing.median, **extra))
+    log(f"meta_step: {cfg.describe()}: one jit per step vs lax.scan blocks of {BLOCK}")
+    timings = jit_vs_scan(cfg)
+    for name, timing in timings.items():
+      per_step = benchmarking.Timing(*(x / BLOCK for x in timing[:3]),
+                                     tuple(x / BLOCK for x in timing.samples))
+      extra = {"baseline": "scan", **benchmarking.paired_ratio(timing, timings["scan"])}
+      rows.append(row("meta_step", f"{cfg.name} maml+mean {name} (per step, blocks of {BLOCK})",
+                      per_step, workload=cfg.describe(), its_per_s=1.0 / per_step.median, **extra))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOP/s.
+
+
+def suite_flops(rows):
+  size = 256 if FLAGS.quick else 2048
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  peak_flops = benchmarking.xla_flops(jnp.matmul, a, b)  # 2 n^3, from the same cost analysis.
+  configs = meta_configs()
+  if not FLAGS.quick:  # The 20-way pool config is the slowest by far; its stride twin suffices.
+    configs = [c for c in configs if c.name != "omni20w_pool"]
+  contenders = {"peak": (matmul, (a, b))}
+  flops = {"peak": peak_flops}
+  for cfg in configs:
+    step, jitted, state = meta_step(cfg, "maml", "mean")
+    flops[cfg.name] = benchmarking.xla_flops(step, state)
+    log(f"flops: {cfg.describe()} maml+mean: {flops[cfg.name] / 1e9:.3f} GFLOP per meta-step "
+        f"(XLA cost analysis, scans unrolled; rolled: "
+        f"{benchmarking.xla_flops(step, state, unroll=False) / 1e9:.3f})")
+    contenders[cfg.name] = (jitted, (state,))
+  slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
+  repeats, warmup = repeats_for(slowest)
+  log(f"flops: timing {len(contenders)} programs, interleaved")
+  timings = benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+  peak = flops["peak"] / timings["peak"].median
+  rows.append(row("flops", f"peak: f32 matmul {size}x{size}", timings["peak"], flops=flops["peak"],
+                  gflops_per_s=peak / 1e9, fraction_of_peak=1.0))
+  for cfg in configs:
+    timing = timings[cfg.name]
+    achieved = flops[cfg.name] / timing.median
+    rows.append(row("flops", f"{cfg.name} maml+mean", timing, workload=cfg.describe(),
+                    flops=flops[cfg.name], gflops_per_s=achieved / 1e9,
+                    fraction_of_peak=achieved / peak))
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch peers.
+
+
+def peer_configs():
+  configs = meta_configs()
+  if FLAGS.quick:
+    return configs[:2]
+  return [c for c in configs if c.name in ("sinusoid", "omni5w_stride", "omni5w_pool")]
+
+
+def torch_maml(torch, cfg, vectorised):
+  """A plain PyTorch second-order MAML meta-step for ``cfg`` (mean over tasks, then Adam).
+
+  ``vectorised=False``: a Python loop over tasks; each inner step is
+  ``torch.autograd.grad(loss, fast_weights, create_graph=True)``, and each task's query loss is
+  back-propagated on its own (the pattern of learn2learn's MAML examples).
+  ``vectorised=True``: ``torch.func.vmap`` over tasks of ``torch.func.grad`` of the query loss after an
+  inner loop of ``torch.func.grad`` steps (the closest PyTorch analogue of gajax's ``vmap``).
+  Data are drawn inside the step with torch's RNG, as gajax draws them inside its jitted step.
+  """
+  F = torch.nn.functional
+  gen = torch.Generator().manual_seed(0)
+
+  if cfg.task == "sinusoid":
+    sizes = [(1, cfg.hidden), (cfg.hidden, cfg.hidden), (cfg.hidden, 1)]
+    params = []
+    for fan_in, fan_out in sizes:
+      params += [torch.randn(fan_in, fan_out, generator=gen) / fan_in ** 0.5, torch.zeros(fan_out)]
+
+    def forward(p, x):
+      h = torch.relu(x @ p[0] + p[1])
+      h = torch.relu(h @ p[2] + p[3])
+      return h @ p[4] + p[5]
+
+    def loss_fn(p, x, y):
+      return torch.mean((forward(p, x) - y) ** 2)
+
+    def sample():
+      t = cfg.num_tasks
+      amp = torch.empty(t, 1, 1).uniform_(0.1, 5.0, generator=gen)
+      phase = torch.empty(t, 1, 1).uniform_(0.0, 2 * np.pi, generator=gen)
+      x = torch.empty(t, cfg.shots + cfg.queries, 1).uniform_(-5.0, 5.0, generator=gen)
+      y = amp * torch.sin(x + phase)
+      return x[:, :cfg.shots], y[:, :cfg.shots], x[:, cfg.shots:], y[:, cfg.shots:]
+  else:
+    stride = 2 if cfg.downsample == "stride" else 1
+    params, channels, size = [], 1, cfg.image_size
+    for _ in range(4):
+      params += [torch.randn(cfg.hidden, channels, 3, 3, generator=gen) / (9 * channels) ** 0.5,
+                 torch.zeros(cfg.hidden), torch.ones(cfg.hidden), torch.zeros(cfg.hidden)]
+      channels = cfg.hidden
+      size = -(-size // 2) if stride == 2 else size // 2
+    params += [torch.randn(cfg.hidden * size * size, cfg.ways, generator=gen) * 0.01,
+               torch.zeros(cfg.ways)]
+
+    def forward(p, x):  # x: [N, 1, H, W] (NCHW, PyTorch's native layout).
+      for i in range(4):
+        w, b, scale, shift = p[4 * i:4 * i + 4]
+        x = F.conv2d(x, w, b, stride=stride, padding=1)
+        # Batch statistics always (MAML's transductive batch norm), as gajax's BatchStatNorm.
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        x = (x - mean) / torch.sqrt(var + 1e-5) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        x = torch.relu(x)
+        if stride == 1:
+          x = F.max_pool2d(x, 2)
+      return x.flatten(1) @ p[16] + p[17]
+
+    def loss_fn(p, x, y):
+      return F.cross_entropy(forward(p, x), y)
+
+    def draw(per_class):
+      n = cfg.ways * per_class
+      x = torch.rand(cfg.num_tasks, n, 1, cfg.image_size, cfg.image_size, generator=gen)
+      y = torch.arange(cfg.ways).repeat_interleave(per_class).expand(cfg.num_tasks, n)
+      return x, y
+
+    def sample():
+      return (*draw(cfg.shots), *draw(cfg.queries))
+
+  params = [p.requires_grad_() for p in params]
+  opt = torch.optim.Adam(params, lr=1e-3)
+  steps, lr, t = cfg.inner_steps, cfg.inner_lr, cfg.num_tasks
+
+  def looped():
+    xs, ys, xq, yq = sample()
+    opt.zero_grad()
+    for i in range(t):
+      fast = list(params)
+      for _ in range(steps):
+        grads = torch.autograd.grad(loss_fn(fast, xs[i], ys[i]), fast, create_graph=True)
+        fast = [w - lr * g for w, g in zip(fast, grads)]
+      (loss_fn(fast, xq[i], yq[i]) / t).backward()
+    opt.step()
+
+  from torch.func import grad, vmap  # pylint: disable=import-outside-toplevel
+
+  def query_loss(p, xs, ys, xq, yq):
+    for _ in range(steps):
+      g = grad(loss_fn)(p, xs, ys)
+      p = tuple(w - lr * gi for w, gi in zip(p, g))
+    return loss_fn(p, xq, yq)
+
+  per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0))
+
+  def vectorised_step():
+    xs, ys, xq, yq = sample()
+    meta_grads = per_task(tuple(p.detach() for p in params), xs, ys, xq, yq)
+    for p, g in zip(params, meta_grads):
+      p.grad = g.mean(0)
+    opt.step()
+
+  return vectorised_step if vectorised else looped
+
+
+def suite_peers(rows):
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    log("peers: skipped: PyTorch is not installed (optional; pip install -r requirements-bench.txt).")
+    return [{"suite": "peers", "reason": "torch not installed"}]
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)  # The same core count that XLA's CPU thread pool uses.
+  torch_device = (f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__} "
+                  f"({torch.get_num_threads()} threads)")
+  skipped = []
+  for cfg in peer_configs():
+    _, jitted, state = meta_step(cfg, "maml", "mean")
+    contenders = {"jax": (jitted, (state,))}
+    for name, vectorised in (("torch_loop", False), ("torch_vmap", True)):
+      fn = torch_maml(torch, cfg, vectorised)
+      try:
+        fn()
+      except Exception as e:  # pylint: disable=broad-except
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"peers: {cfg.name} {name} failed, skipped: {msg}")
+        skipped.append({"suite": "peers", "config": f"{cfg.name} {name}", "reason": msg})
+        continue
+      contenders[name] = (fn, ())
+    log(f"peers: {cfg.describe()}: gajax vs PyTorch MAML (second order, Adam), interleaved")
+    slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
+    repeats, warmup = repeats_for(slowest)
+    timings = benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+    jax_timing = timings["jax"]
+    rows.append(row("peers", f"{cfg.name} maml gajax (vmap, jit)", jax_timing,
+                    workload=cfg.describe(), its_per_s=1.0 / jax_timing.median))
+    for name in ("torch_loop", "torch_vmap"):
+      if name not in timings:
+        continue
+      how = ("Python loop over tasks, autograd.grad(create_graph=True)" if name == "torch_loop"
+             else "torch.func vmap over tasks of nested torch.func.grad")
+      ratio = benchmarking.paired_ratio(timings[name], jax_timing)
+      rows.append(row("peers", f"{cfg.name} maml {name}", timings[name], device=torch_device,
+                      workload=cfg.describe(), baseline="gajax", implementation=how,
+                      its_per_s=1.0 / timings[name].median, **ratio))
+  return skipped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output.
+
+
+def fmt_ms(ms):
+  return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def markdown(rows):
+  lines = ["| suite | config | median ms | min-max ms | ratio (min-max) | vs | notes |",
+           "| --- | --- | ---: | ---: | ---: | --- | --- |"]
+  for r in rows:
+    ratio = (f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})" if "ratio" in r
+             else "")
+    notes = []
+    if "its_per_s" in r:
+      notes.append(f"{r['its_per_s']:.1f} it/s")
+    if "gflops_per_s" in r:
+      notes.append(f"{r['flops'] / 1e9:.3g} GFLOP, {r['gflops_per_s']:.1f} GFLOP/s, "
+                   f"{100 * r['fraction_of_peak']:.1f}% of peak")
+    lines.append(f"| {r['suite']} | {r['config']} | {fmt_ms(r['median_ms'])} | "
+                 f"{fmt_ms(r['min_ms'])}-{fmt_ms(r['max_ms'])} | {ratio} | {r.get('baseline', '')} | "
+                 f"{'; '.join(notes)} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.max_repeats_slow < 1:
+    sys.exit("error: --repeats and --max_repeats_slow must be >= 1 and --warmup >= 0.")
+  if FLAGS.quick:
+    FLAGS.repeats = min(FLAGS.repeats, 2)
+    FLAGS.warmup = min(FLAGS.warmup, 1)
+  suites = SUITES if FLAGS.suite == "all" else (FLAGS.suite,)
+  runners = {"aggregators": suite_aggregators, "meta_step": suite_meta_step, "flops": suite_flops,
+             "peers": suite_peers}
+  log(f"device: {benchmarking.device_string()}; suites: {', '.join(suites)}"
+      f"{' (quick)' if FLAGS.quick else ''}; repeats {FLAGS.repeats}, warmup {FLAGS.warmup}")
+  rows, skipped = [], []
+  start = time.perf_counter()
+  for suite in suites:
+    suite_start = time.perf_counter()
+    skipped += runners[suite](rows) or []
+    log(f"{suite}: done in {time.perf_counter() - suite_start:.0f} s")
+  command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  table = markdown(rows)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump({"command": command, "device": benchmarking.device_string(), "quick": FLAGS.quick,
+                 "seconds": time.perf_counter() - start, "rows": rows, "skipped": skipped}, f,
+                indent=1)
+  if FLAGS.markdown:
+    with open(FLAGS.markdown, "w") as f:
+      f.write(f"`{command}` on {benchmarking.device_string()}\n\n{table}\n")
+  log(f"\ntotal {time.perf_counter() - start:.0f} s; `{command}`\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
