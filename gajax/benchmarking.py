@@ -48,14 +48,20 @@ def _call_once(fn: Callable, args: tuple) -> float:
   return time.perf_counter() - start
 
 
-def _calibrate(fn: Callable, args: tuple, min_sample_s: float) -> int:
-  """Calls per sample so that one sample lasts at least ``min_sample_s`` (fast calls are noisy alone)."""
-  once = max(_call_once(fn, args), 1e-7)
-  return max(1, int(np.ceil(min_sample_s / once)))
+# Calls shorter than this get one untimed call at the start of every sample (see ``compare``).
+_PRIME_BELOW_S = 0.1
 
 
-def _sample(fn: Callable, args: tuple, number: int) -> float:
-  """Mean seconds per call over ``number`` back-to-back calls, each synchronised."""
+def _sample(fn: Callable, args: tuple, number: int, prime: bool) -> float:
+  """Mean seconds per call over ``number`` back-to-back calls, each synchronised.
+
+  With ``prime``, one untimed call comes first: the first call after another contender ran is slower
+  (thread pools parked, caches holding the other program's data; on a loaded 2-core machine we saw a
+  1 ms JAX step take 5 ms right after a PyTorch step), and steady-state throughput is what a training
+  loop sees.
+  """
+  if prime:
+    jax.block_until_ready(fn(*args))
   start = time.perf_counter()
   for _ in range(number):
     jax.block_until_ready(fn(*args))
@@ -69,36 +75,57 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 10, warmup: int = 2,
   Args:
     fn: the function, typically jitted; its result is waited for with ``jax.block_until_ready``.
     repeats: timed samples; the :class:`Timing` summarises them.
-    warmup: untimed calls first (at least one is made: the first call of a jitted function compiles).
-    min_sample_s: when > 0, each sample averages as many back-to-back calls as needed to last this
-      long, so that microsecond-scale functions are not dominated by timer and scheduler noise.
+    warmup: untimed calls first (at least two are made: the first call of a jitted function compiles,
+      the second sizes the samples).
+    min_sample_s: each sample averages as many back-to-back calls as needed to last this long, so
+      that microsecond-scale functions are not dominated by timer and scheduler noise.
   """
   return compare({"fn": (fn, args)}, repeats=repeats, warmup=warmup,
                  min_sample_s=min_sample_s)["fn"]
 
 
 def compare(contenders: Mapping[str, tuple[Callable, tuple]], *, repeats: int = 10,
-            warmup: int = 2, min_sample_s: float = 0.0) -> dict[str, Timing]:
+            warmup: int = 2, min_sample_s: float = 0.0, slow_s: float = float("inf"),
+            slow_repeats: int | None = None) -> dict[str, Timing]:
   """Times several ``name -> (fn, args)`` with their repeats interleaved; returns ``name -> Timing``.
 
   Repeat ``r`` runs one sample of every contender, starting from contender ``r mod n``, so no
-  contender is always first (right after another's memory traffic) or always last.
+  contender is always first (right after another's memory traffic) or always last. Contenders faster
+  than 0.1 s per call get one untimed call at the start of each sample (see ``_sample``).
+
+  Args:
+    contenders: ``name -> (fn, args)``; each sample calls ``fn(*args)`` and waits for the result.
+    repeats: samples per contender.
+    warmup: untimed calls per contender before sampling (at least one: the first call compiles).
+      The second warm-up call is timed to size the samples.
+    min_sample_s: each sample averages as many back-to-back calls as needed to last this long, so
+      that microsecond-scale functions are not dominated by timer and scheduler noise.
+    slow_s, slow_repeats: when the slowest contender's warm call takes over ``slow_s`` seconds, take
+      only ``slow_repeats`` samples and skip the warm-up calls beyond the second (a budget for
+      multi-second programs).
   """
   if repeats < 1:
     raise ValueError(f"compare: repeats must be >= 1, got {repeats}.")
   names = list(contenders)
-  for name in names:  # Compile (and warm caches) everything before any sample is taken.
+  once = {}
+  for name in names:  # Compile everything, and time one warm call of each, before any sample.
     fn, args = contenders[name]
-    for _ in range(max(1, warmup)):
-      _call_once(fn, args)
-  numbers = {name: (_calibrate(*contenders[name], min_sample_s) if min_sample_s > 0 else 1)
-             for name in names}
+    _call_once(fn, args)
+    once[name] = max(_call_once(fn, args), 1e-7)
+  slow = max(once.values()) > slow_s
+  if slow and slow_repeats is not None:
+    repeats = min(repeats, slow_repeats)
+  for name in names:
+    for _ in range(0 if slow else warmup - 2):
+      _call_once(*contenders[name])
+  numbers = {name: max(1, int(np.ceil(min_sample_s / once[name]))) for name in names}
+  primes = {name: once[name] < _PRIME_BELOW_S for name in names}
   samples: dict[str, list[float]] = {name: [] for name in names}
   for r in range(repeats):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
       fn, args = contenders[name]
-      samples[name].append(_sample(fn, args, numbers[name]))
+      samples[name].append(_sample(fn, args, numbers[name], primes[name]))
   return {name: _timing(samples[name]) for name in names}
 
 

@@ -48,8 +48,12 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = jax.tree_util.tree_map(np.asarray, like)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises several types for a structure or shape mismatch
+      raise ValueError(f"{self.directory}: the checkpoint at step {step} does not match this run's "
+                       f"state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     return restored["state"], restored["meta"]
 
   def close(self) -> None:

@@ -64,7 +64,8 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
   Returns:
     ``meta_step(state, data=None) -> (state, metrics)``, ``data`` handed to ``sample``; metrics are float32 scalars: ``support_loss`` (before
     adaptation) and ``query_loss`` (after), averaged over tasks, ``update_norm``, and when the
-    aggregator keeps them, ``weight_min``, ``weight_max`` and ``weight_negative`` (count), and
+    aggregator keeps them, ``weights`` (``[T]``), ``weight_min``, ``weight_max`` and
+    ``weight_negative`` (count), and
     ``skipped_tasks`` (non-finite tasks dropped by :func:`gajax.aggregators.skip_nonfinite_tasks`;
     when it equals ``num_tasks`` the step leaves parameters and optimiser state unchanged).
   """
@@ -95,7 +96,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
       metrics["skipped_tasks"] = skipped.astype(jnp.float32)
     weights = agreement_weights_of(opt_state)
     if weights is not None and weights.shape[0]:
-      metrics.update(weight_min=jnp.min(weights), weight_max=jnp.max(weights),
+      metrics.update(weights=weights, weight_min=jnp.min(weights), weight_max=jnp.max(weights),
                      weight_negative=jnp.sum(weights < 0).astype(jnp.float32))
     return MetaState(state.step + 1, params, opt_state, key), metrics
 

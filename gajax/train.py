@@ -297,6 +297,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
     while done < config.num_iterations:
       count = min(config.log_every, config.num_iterations - done,
                   checkpoint_every - done % checkpoint_every)
+      if config.eval_every:
+        count = min(count, config.eval_every - done % config.eval_every)
       if count not in blocks:
         blocks[count] = make_block(exp, count)
       state, metrics = blocks[count](state, exp.task.train_data)

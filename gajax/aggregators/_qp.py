@@ -89,7 +89,8 @@ def nonneg_qp_solve(q: jax.Array, b: jax.Array, state: QPState | None = None, *,
     state = initial_state(q, ridge)
   rho = _ridge(q, ridge)
   top = jnp.max(jnp.diagonal(q))
-  abs_q = jnp.abs(q)
+  # One product gives both the gradient Q z + b and the rounding scale |Q| |z| of the KKT test.
+  q_pair = jnp.block([[q, jnp.zeros_like(q)], [jnp.zeros_like(q), jnp.abs(q)]])
   b_scale = jnp.max(jnp.abs(b))
   index = jnp.arange(t)
 
@@ -115,8 +116,9 @@ def nonneg_qp_solve(q: jax.Array, b: jax.Array, state: QPState | None = None, *,
     any_neg = jnp.any(neg)
     # (a) z > 0 on F: accept it; stop if the KKT conditions hold (gradient >= 0 off F), otherwise
     # free the most violated coordinate.
-    grad = q @ z + b
-    scale = b_scale + jnp.max(abs_q @ jnp.abs(z))
+    pair = q_pair @ jnp.concatenate([z, jnp.abs(z)])
+    grad = pair[:t] + b
+    scale = b_scale + jnp.max(pair[t:])
     cand = jnp.where(free | banned, jnp.inf, grad)
     j = jnp.argmin(cand)
     add = cand[j] < -tol * scale
