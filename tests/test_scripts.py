@@ -30,6 +30,23 @@ def test_train_writes_metrics_and_eval(tmp_path):
   assert result_json["metric"] == "mse" and result_json["num_tasks"] == 20
   assert result_json["ci95"] > 0 and result_json["mean"] > 0
   assert result_json["config"]["meta_batch_size"] == 4 and result_json["steps"] == 7
+  assert all(len(r["weights"]) == 4 for r in train_rows)
+
+  # evaluate.py restores the final checkpoint and reproduces eval.json exactly.
+  again = run_script("evaluate.py", f"--workdir={tmp_path}", f"--output={tmp_path / 'again.json'}")
+  assert again.returncode == 0, again.stderr[-2000:]
+  reevaluated = json.loads((tmp_path / "again.json").read_text())
+  assert (reevaluated["mean"], reevaluated["ci95"]) == (result_json["mean"], result_json["ci95"])
+
+  plotted = run_script("plot.py", f"--workdirs={tmp_path}", f"--out={tmp_path / 'plots'}")
+  assert plotted.returncode == 0, plotted.stderr[-2000:]
+  for name in ("curves.png", "weights.png"):
+    assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_rejects_a_folder_without_a_run(tmp_path):
+  result = run_script("evaluate.py", f"--workdir={tmp_path}")
+  assert result.returncode != 0 and "config.json not found" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flag, message", [
