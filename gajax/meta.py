@@ -14,7 +14,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gajax.algorithms import MetaLearner, per_task
 from gajax.tasks.base import Task
@@ -47,8 +49,24 @@ def agreement_weights_of(opt_state: optax.OptState) -> jax.Array | None:
   return optax.tree_utils.tree_get(opt_state, "weights", default=None)
 
 
+def task_mesh(num_devices: int | None = None, axis_name: str = "tasks") -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` devices (default: all), for sharding the task axis."""
+  devices = jax.devices()
+  num_devices = len(devices) if num_devices is None else num_devices
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices must be in [1, {len(devices)}] (the devices JAX sees); "
+                     f"got {num_devices}.")
+  return Mesh(np.asarray(devices[:num_devices]), (axis_name,))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places every leaf of ``tree`` on all devices of ``mesh`` (parameters, optimiser state, keys)."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sample: Callable,
-                   num_tasks: int, *, signal: str = "self") -> Callable[[MetaState], tuple[MetaState, dict]]:
+                   num_tasks: int, *, signal: str = "self",
+                   mesh: Mesh | None = None) -> Callable[[MetaState], tuple[MetaState, dict]]:
   """Builds the (unjitted, pure) meta-step ``state -> (state, metrics)``.
 
   Args:
@@ -60,6 +78,10 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     signal: ``"self"`` lets the aggregator weigh the updates by themselves; ``"displacement"`` passes
       each task's inner displacement ``theta - theta_i`` as ``agreement_signal`` (the paper's MAML
       variant of gradient agreement).
+    mesh: shard the task axis over this 1-D mesh (data parallel over tasks; parameters replicated,
+      see :func:`replicate`). Each device adapts its own tasks; the aggregator's reductions over the
+      task axis (the batch sum ``G`` of gradient agreement, a Gramian) become XLA collectives, so every
+      aggregator sees the global task axis. ``num_tasks`` must be a multiple of the mesh size.
 
   Returns:
     ``meta_step(state, data=None) -> (state, metrics)``, ``data`` handed to ``sample``; metrics are float32 scalars: ``support_loss`` (before
@@ -71,11 +93,17 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
   """
   if signal not in ("self", "displacement"):
     raise ValueError(f"make_meta_step: signal must be 'self' or 'displacement', got {signal!r}.")
+  if mesh is not None and num_tasks % mesh.size:
+    raise ValueError(f"make_meta_step: the meta-batch of {num_tasks} tasks does not split evenly over "
+                     f"{mesh.size} devices; use a multiple of {mesh.size}.")
+  task_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
   batched = per_task(learner.with_aux)
 
   def meta_step(state: MetaState, data: PyTree = None):
     key, task_key = jax.random.split(state.key)
     support, query = sample(task_key, num_tasks, data)
+    if task_sharding is not None:
+      support, query = jax.lax.with_sharding_constraint((support, query), task_sharding)
     updates, aux = batched(state.params, support, query)
     extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
     step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)

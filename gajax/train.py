@@ -56,6 +56,7 @@ class TrainConfig:
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
   log_every: int = 500
+  num_devices: int = 0  # shard the task axis over this many devices; 0: all local devices
   skip_nonfinite: bool = True  # drop tasks whose update has NaN/Inf (and log how many)
   seed: int = 0
 
@@ -90,6 +91,7 @@ class TrainConfig:
     need(self.algorithm != "reptile" or self.inner_steps >= 1, "--inner_steps must be >= 1 for reptile.")
     need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,
          f"--eval_inner_steps must be >= 0; got {self.eval_inner_steps}.")
+    need(self.num_devices >= 0, f"--num_devices must be >= 0; got {self.num_devices}.")
     need(self.eval_every >= 0, f"--eval_every must be >= 0; got {self.eval_every}.")
     for name in ("inner_lr", "outer_lr"):
       value = getattr(self, name)
@@ -157,12 +159,15 @@ class Experiment(NamedTuple):
     step: ``(state, data) -> (state, metrics)``, one meta-step (blocks: ``meta.make_block``); pass
       ``task.train_data`` as ``data``.
     evaluate: ``(params, key, data) -> per-task metric [eval_tasks]``; pass ``task.eval_data``.
+    place: ``state -> state`` on the devices the step expects (replicated over the task mesh when
+      ``num_devices > 1``; the identity otherwise).
   """
   config: TrainConfig
   task: Task
   init: Callable
   step: Callable
   evaluate: Callable
+  place: Callable
 
 
 def make_experiment(config: TrainConfig) -> Experiment:
@@ -179,9 +184,17 @@ def make_experiment(config: TrainConfig) -> Experiment:
       params = algorithms.meta_sgd_init(params, config.inner_lr)
     return meta.init_state(train_key, params, tx)
 
-  step = meta.make_meta_step(learner, tx, task.sample, config.meta_batch_size, signal=config.signal)
+  def place(state):
+    return state if mesh is None else meta.replicate(state, mesh)
+
+  mesh = None
+  num_devices = config.num_devices or jax.local_device_count()
+  if num_devices > 1:
+    mesh = meta.task_mesh(num_devices)
+  step = meta.make_meta_step(learner, tx, task.sample, config.meta_batch_size, signal=config.signal,
+                             mesh=mesh)
   evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks, scan=not uses_host_loops(task))
-  return Experiment(config, task, init, step, evaluate)
+  return Experiment(config, task, init, step, evaluate, place)
 
 
 def uses_host_loops(task: Task) -> bool:
@@ -219,7 +232,7 @@ def _to_host(tree):
 
 # Settings that may change when a run is resumed: they do not change what the meta-steps compute.
 RESUMABLE_CHANGES = ("num_iterations", "eval_tasks", "eval_every", "eval_queries", "eval_inner_steps",
-                     "log_every", "data_dir")
+                     "log_every", "data_dir", "num_devices")
 
 
 def prepare_workdir(config: TrainConfig, workdir: str, overwrite: bool = False) -> None:
@@ -288,8 +301,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
     with open(metrics_path, "r+") as f:
       f.truncate(info["metrics_bytes"])
     print_fn(f"resumed from the checkpoint at step {int(state.step)} in {workdir}")
+  state = exp.place(state)
   else:
     open(metrics_path, "w").close()
+    state = exp.place(state)
 
   with open(metrics_path, "a") as metrics_file:
     start, done = time.perf_counter(), int(state.step)
@@ -344,7 +359,8 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
     ``{"metric", "per_seed": [mean over eval tasks, one per seed], "per_seed_ci95": [...],
     "seconds"}``.
   """
-  exp = make_experiment(config)
+  # Seeds are vmapped on one device; sharding tasks inside a vmap over seeds is not set up here.
+  exp = make_experiment(dataclasses.replace(config, num_devices=1))
   keys = [seed_keys(s) for s in seeds]
   train_keys = jnp.stack([k[0] for k in keys])
   eval_keys = jnp.stack([k[1] for k in keys])

@@ -53,9 +53,12 @@ flags.DEFINE_string("markdown", None, "Also write the final markdown table here.
 flags.DEFINE_integer("repeats", 7, "Timed samples per measurement (the big Conv-4 configs use fewer, "
                      "see --max_repeats_slow).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (the first one compiles).")
-flags.DEFINE_integer("max_repeats_slow", 3, "Cap on repeats for measurements slower than 1 s per call "
-                     "(the 20-way Conv-4 meta-steps), to keep --suite=all within ~15 minutes.")
+flags.DEFINE_integer("max_repeats_slow", 2, "Cap on repeats for measurements slower than 1 s per call "
+                     "(the Conv-4 meta-steps), to keep --suite=all within reach on a 2-core CPU.")
 flags.DEFINE_bool("quick", False, "Tiny sizes and few repeats: checks that every suite runs.")
+flags.DEFINE_bool("big", False, "Also the slow Conv-4 measurements: FOMAML/Reptile and max-pooling in "
+                  "meta_step, 20-way 1-shot, jit-vs-scan on Conv-4 (each second-order Conv-4 step "
+                  "takes 10-60 s on a 2-core CPU).")
 flags.DEFINE_list("aggregators", None, "Aggregators for the aggregators suite (default: all "
                   "registered; with --quick: mean, gradient_agreement).")
 FLAGS = flags.FLAGS
@@ -67,11 +70,17 @@ def log(msg):
   print(msg, flush=True)
 
 
-def repeats_for(seconds_per_call: float) -> tuple[int, int]:
-  """(repeats, warmup): slow calls get fewer repeats and a single warm-up (the compiling call)."""
-  if seconds_per_call > 1.0:
-    return min(FLAGS.repeats, FLAGS.max_repeats_slow), 1
-  return FLAGS.repeats, FLAGS.warmup
+def timed(contenders, min_sample_s=None):
+  """Interleaved timings of ``name -> (fn, args)`` with the flags' repeats; slow programs get fewer.
+
+  Each sample lasts at least ``min_sample_s`` (default 0.1 s, 0.01 s with --quick): millisecond steps
+  are averaged over many back-to-back calls, as a training loop runs them.
+  """
+  if min_sample_s is None:
+    min_sample_s = 0.01 if FLAGS.quick else 0.1
+  return benchmarking.compare(contenders, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
+                              min_sample_s=min_sample_s, slow_s=1.0,
+                              slow_repeats=FLAGS.max_repeats_slow)
 
 
 def row(suite, config, timing, device=None, **extra):
@@ -156,9 +165,7 @@ def suite_aggregators(rows):
         contenders[name] = (fn, (updates, state, params))
       config = f"T={num_tasks} P={num_params:.0e}"
       log(f"aggregators: {config}: timing {len(contenders)} aggregators, interleaved")
-      # Each sample lasts >= 20 ms: the small configs take microseconds per call.
-      timings = benchmarking.compare(contenders, repeats=FLAGS.repeats, warmup=FLAGS.warmup,
-                                     min_sample_s=0.002 if FLAGS.quick else 0.02)
+      timings = timed(contenders, min_sample_s=0.002 if FLAGS.quick else 0.02)
       for name, timing in timings.items():
         rows.append(row("aggregators", f"{name} {config}", timing, aggregator=name,
                         num_tasks=num_tasks, num_params=num_params, baseline="mean",
@@ -198,7 +205,6 @@ def meta_configs():
     return [
         MetaConfig("sinusoid", "sinusoid", 4, 2, 0.01, 5, 5, hidden=8),
         MetaConfig("omni2w_stride", "omniglot", 2, 1, 0.4, 1, 1, ways=2, hidden=4),
-        MetaConfig("omni2w_pool", "omniglot", 2, 1, 0.4, 1, 1, ways=2, downsample="pool", hidden=4),
     ]
   configs = [MetaConfig("sinusoid", "sinusoid", 25, 5, 0.01, 10, 10)]
   for downsample in ("stride", "pool"):
@@ -266,23 +272,13 @@ def meta_step(cfg, algorithm, aggregator):
   return step, jax.jit(step), state
 
 
-def probe_seconds(fn, *args):
-  """Seconds of one call after the compiling one (to choose repeats for slow configs)."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def time_meta_steps(cfg, pairs):
   """Interleaved timings of ``(algorithm, aggregator)`` meta-steps of ``cfg``: ``pair -> Timing``."""
   contenders = {}
   for algorithm, aggregator in pairs:
     _, jitted, state = meta_step(cfg, algorithm, aggregator)
     contenders[(algorithm, aggregator)] = (jitted, (state,))
-  slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
-  repeats, warmup = repeats_for(slowest)
-  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+  return timed(contenders)
 
 
 def loop_vs_vmap(cfg):
@@ -319,8 +315,7 @@ def loop_vs_vmap(cfg):
 
   contenders = {"vmap": (vmapped, (params, opt_state, support, query)),
                 "loop": (looped, (params, opt_state))}
-  repeats, warmup = repeats_for(probe_seconds(looped, params, opt_state))
-  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+  return timed(contenders)
 
 
 def jit_vs_scan(cfg):
@@ -334,15 +329,33 @@ def jit_vs_scan(cfg):
     return state
 
   contenders = {"scan": (lambda s: block(s)[0], (state,)), "jit_per_step": (per_step, (state,))}
-  repeats, warmup = repeats_for(probe_seconds(per_step, state))
-  return benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+  return timed(contenders)
+
+
+ALL_PAIRS = tuple((a, g) for a in ("maml", "fomaml", "reptile") for g in ("mean", "gradient_agreement"))
+
+
+def meta_step_plan():
+  """``[(config, (algorithm, aggregator) pairs, dispatch comparisons?)]`` for the meta_step suite.
+
+  A second-order Conv-4 meta-step takes seconds to tens of seconds on a 2-core CPU (and a minute or
+  two to compile), so by default Conv-4 gets the MAML pair only (the agreement overhead) on the
+  stride-2 net, plus the vmap-vs-loop comparison; ``--big`` adds every algorithm, max-pooling and the
+  20-way configs.
+  """
+  configs = {c.name: c for c in meta_configs()}
+  if FLAGS.quick:  # Every compile costs seconds: one pair on the sinusoid, one step on Conv-4.
+    return [(configs["sinusoid"], ALL_PAIRS[:2], True), (configs["omni2w_stride"], ALL_PAIRS[:1], False)]
+  plan = [(configs["sinusoid"], ALL_PAIRS, True), (configs["omni5w_stride"], ALL_PAIRS[:2], True)]
+  if FLAGS.big:
+    plan = [(configs["sinusoid"], ALL_PAIRS, True), (configs["omni5w_stride"], ALL_PAIRS, True),
+            (configs["omni5w_pool"], ALL_PAIRS, True), (configs["omni20w_stride"], ALL_PAIRS, False),
+            (configs["omni20w_pool"], ALL_PAIRS[:2], False)]
+  return plan
 
 
 def suite_meta_step(rows):
-  configs = meta_configs()
-  algos = ("maml",) if FLAGS.quick else ("maml", "fomaml", "reptile")
-  pairs = [(a, g) for a in algos for g in ("mean", "gradient_agreement")]
-  for cfg in configs:
+  for cfg, pairs, dispatch in meta_step_plan():
     log(f"meta_step: {cfg.describe()}: {len(pairs)} variants, interleaved")
     timings = time_meta_steps(cfg, pairs)
     for (algorithm, aggregator), timing in timings.items():
@@ -353,14 +366,16 @@ def suite_meta_step(rows):
       rows.append(row("meta_step", f"{cfg.name} {algorithm}+{aggregator}", timing,
                       workload=cfg.describe(), algorithm=algorithm, aggregator=aggregator,
                       its_per_s=1.0 / timing.median, **extra))
-  # The dispatch comparisons: the sinusoid (tiny programs, dispatch-bound) and 5-way Conv-4.
-  for cfg in configs[:1 if FLAGS.quick else 2]:
+    if not dispatch:
+      continue
     log(f"meta_step: {cfg.describe()}: vmap vs Python loop over tasks (MAML)")
     timings = loop_vs_vmap(cfg)
     for name, timing in timings.items():
       extra = {"baseline": "vmap", **benchmarking.paired_ratio(timing, timings["vmap"])}
       rows.append(row("meta_step", f"{cfg.name} maml per-task {name}", timing,
                       workload=cfg.describe(), its_per_s=1.0 / timing.median, **extra))
+    if cfg.task != "sinusoid" and not FLAGS.big:
+      continue  # Ten multi-second Conv-4 steps per sample: only with --big.
     log(f"meta_step: {cfg.describe()}: one jit per step vs lax.scan blocks of {BLOCK}")
     timings = jit_vs_scan(cfg)
     for name, timing in timings.items():
@@ -381,22 +396,21 @@ def suite_flops(rows):
   b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
   matmul = jax.jit(jnp.matmul)
   peak_flops = benchmarking.xla_flops(jnp.matmul, a, b)  # 2 n^3, from the same cost analysis.
-  configs = meta_configs()
-  if not FLAGS.quick:  # The 20-way pool config is the slowest by far; its stride twin suffices.
-    configs = [c for c in configs if c.name != "omni20w_pool"]
+  # MAML+mean on the sinusoid and Conv-4 (stride-2, 5-way; with --big also max-pool and 20-way).
+  names = ["sinusoid"] if FLAGS.quick else ["sinusoid", "omni5w_stride"]
+  if FLAGS.big:
+    names += ["omni5w_pool", "omni20w_stride"]
+  configs = [c for c in meta_configs() if c.name in names]
   contenders = {"peak": (matmul, (a, b))}
   flops = {"peak": peak_flops}
   for cfg in configs:
     step, jitted, state = meta_step(cfg, "maml", "mean")
     flops[cfg.name] = benchmarking.xla_flops(step, state)
     log(f"flops: {cfg.describe()} maml+mean: {flops[cfg.name] / 1e9:.3f} GFLOP per meta-step "
-        f"(XLA cost analysis, scans unrolled; rolled: "
-        f"{benchmarking.xla_flops(step, state, unroll=False) / 1e9:.3f})")
+        "(XLA cost analysis of the lowered program, scans unrolled)")
     contenders[cfg.name] = (jitted, (state,))
-  slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
-  repeats, warmup = repeats_for(slowest)
   log(f"flops: timing {len(contenders)} programs, interleaved")
-  timings = benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+  timings = timed(contenders)
   peak = flops["peak"] / timings["peak"].median
   rows.append(row("flops", f"peak: f32 matmul {size}x{size}", timings["peak"], flops=flops["peak"],
                   gflops_per_s=peak / 1e9, fraction_of_peak=1.0))
@@ -415,7 +429,7 @@ def suite_flops(rows):
 def peer_configs():
   configs = meta_configs()
   if FLAGS.quick:
-    return configs[:2]
+    return configs
   return [c for c in configs if c.name in ("sinusoid", "omni5w_stride", "omni5w_pool")]
 
 
@@ -549,9 +563,7 @@ def suite_peers(rows):
         continue
       contenders[name] = (fn, ())
     log(f"peers: {cfg.describe()}: gajax vs PyTorch MAML (second order, Adam), interleaved")
-    slowest = max(probe_seconds(fn, *args) for fn, args in contenders.values())
-    repeats, warmup = repeats_for(slowest)
-    timings = benchmarking.compare(contenders, repeats=repeats, warmup=max(0, warmup - 1))
+    timings = timed(contenders)
     jax_timing = timings["jax"]
     rows.append(row("peers", f"{cfg.name} maml gajax (vmap, jit)", jax_timing,
                     workload=cfg.describe(), its_per_s=1.0 / jax_timing.median))

@@ -43,6 +43,12 @@ flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final eva
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")
 flags.DEFINE_integer("log_every", _D.log_every, "Meta-steps per jitted block and progress line.")
+flags.DEFINE_integer("num_devices", _D.num_devices, "Shard the meta-batch's tasks over this many "
+                     "devices (0: all local devices); --meta_batch_size must be a multiple of it.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0, for "
+                    "jax.distributed.initialize.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_bool("skip_nonfinite", _D.skip_nonfinite, "Give tasks with NaN/Inf updates zero weight "
                   "(counted as skipped_tasks in metrics.jsonl).")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, training tasks and evaluation tasks.")
@@ -56,6 +62,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if FLAGS.coordinator_address:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   try:
     config = TrainConfig(**{name: FLAGS[name].value for name in fields}).validate()

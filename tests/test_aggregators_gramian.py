@@ -29,8 +29,9 @@ from gajax.aggregators.dualproj import dualproj, dualproj_weights
 from gajax.aggregators.imtl_g import imtl_g
 from gajax.aggregators.krum import krum, krum_weights
 from gajax.aggregators.mgda import mgda, mgda_weights
-from gajax.aggregators.nash_mtl import nash_mtl, nash_mtl_weights
+from gajax.aggregators.nash_mtl import nash_mtl
 from gajax.aggregators.random import RandomState, random, random_weights
+from gajax.aggregators.skip_nonfinite import skip_nonfinite_tasks
 from gajax.aggregators.upgrad import upgrad, upgrad_weights
 
 P = 20
@@ -48,6 +49,9 @@ FACTORIES = {
 DETERMINISTIC = sorted(set(FACTORIES) - {"random"})
 NON_CONFLICTING = ("mgda", "upgrad", "dualproj", "nash_mtl")
 MIN_TASKS = {"krum": 3}
+# Tests do not need optimised machine code; skipping LLVM's optimisations cuts XLA:CPU compile time
+# (which dominates this file: the solvers' while loops) by about a third. Numerics are unchanged.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def to_tree(j, dtype=jnp.float32):
@@ -64,7 +68,7 @@ def flat(tree):
 @functools.lru_cache(maxsize=None)
 def transform(name):
   tx = FACTORIES[name]()
-  return tx, jax.jit(tx.update)
+  return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
 
 def aggregate(name, j, dtype=jnp.float32, jit=True):
@@ -170,6 +174,8 @@ def ref_krum(j, f=0, m=1):
 REFERENCES = {"mgda": ref_mgda, "upgrad": ref_upgrad, "dualproj": ref_dualproj, "cagrad": ref_cagrad,
               "imtl_g": ref_imtl_g, "aligned_mtl": ref_aligned_mtl, "nash_mtl": ref_nash_mtl,
               "krum": ref_krum}
+
+
 def assert_close(name, got, want, rtol=1e-5):
   """Max-abs error within ``rtol`` of the reference's largest entry (we measure <= 2e-6 throughout)."""
   scale = max(np.abs(want).max(), 1e-30)
@@ -216,6 +222,18 @@ def test_projection_methods_on_conflicting_tasks():
           check_non_conflicting(j, got)
 
 
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "dualproj"])
+def test_tasks_dropped_by_skip_nonfinite_are_left_out(name):
+  """With ``task_mask`` the dropped tasks (zero rows) are absent, not zero updates (MGDA would be 0)."""
+  j = np.random.default_rng(23).normal(size=(5, P))
+  bad = j.copy()
+  bad[1, 3] = np.nan
+  tx = skip_nonfinite_tasks(FACTORIES[name]())
+  out, state = jax.jit(tx.update, compiler_options=FAST_COMPILE)(to_tree(bad), tx.init(None))
+  assert int(state.skipped) == 1
+  assert_close(name, flat(out), REFERENCES[name](np.delete(j, 1, axis=0)))
+
+
 def test_closed_forms_for_two_tasks():
   rng = np.random.default_rng(8)
   for _ in range(5):
@@ -237,7 +255,7 @@ def test_closed_forms_for_two_tasks():
 
 @functools.lru_cache(maxsize=None)
 def jitted(fn, **static):
-  return jax.jit(functools.partial(fn, **static))
+  return jax.jit(functools.partial(fn, **static), compiler_options=FAST_COMPILE)
 
 
 def test_weighting_functions_on_raw_gramians():
@@ -258,7 +276,6 @@ def test_weighting_functions_on_raw_gramians():
   assert_close("cagrad", out(jitted(cagrad_weights)(k, 0.8)), ref_cagrad(j, 0.8))
   np.testing.assert_allclose(out(jitted(cagrad_weights)(k, 0.0)), j.mean(0), rtol=1e-5)
   assert_close("aligned_mtl", out(aligned_mtl_weights(k)), ref_aligned_mtl(j))
-  np.testing.assert_allclose(np.asarray(jitted(nash_mtl_weights)(k)), ref_nash_alpha(j), rtol=2e-5)
   with pytest.raises(ValueError, match="pref_vector"):
     upgrad_weights(k, np.ones(4))
 
@@ -294,7 +311,7 @@ def test_nash_mtl_max_norm_and_scale():
   free = ref_nash_mtl(j)
   np.testing.assert_allclose(np.linalg.norm(free), np.sqrt(5 * np.linalg.norm(j @ j.T)), rtol=1e-6)
   tx = nash_mtl(max_norm=1.0)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   for scale in (1e-20, 1.0, 1e20):
     got = flat(update(to_tree(j * scale), tx.init(None))[0])
     want = free * scale * min(1.0, 1.0 / (np.linalg.norm(free) * scale))
@@ -319,7 +336,7 @@ def test_random_weights_and_state():
   tx = random(3)
   state = tx.init(None)
   assert isinstance(state, RandomState)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
   out1, state1 = update(to_tree(j), state)
   out2, state2 = update(to_tree(j), state1)
   again, _ = update(to_tree(j), state)
@@ -438,10 +455,10 @@ def test_inside_optax_chain(name):
   tx = optax.chain(FACTORIES[name](), optax.sgd(0.1))
   params = {"a": jnp.zeros((4, 2)), "b": jnp.zeros((12,))}
   j = np.random.default_rng(21).normal(size=(5, P))
-  state = tx.init(params)
-  updates, state = jax.jit(tx.update)(to_tree(j), state, params)
+  update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
+  updates, state = update(to_tree(j), tx.init(params), params)
   np.testing.assert_allclose(flat(updates), -0.1 * aggregate(name, j), rtol=1e-5, atol=1e-7)
-  assert np.all(np.isfinite(flat(jax.jit(tx.update)(to_tree(j), state, params)[0])))
+  assert np.all(np.isfinite(flat(update(to_tree(j), state, params)[0])))  # the state round-trips
 
 
 def test_solver_iterations_and_speed():

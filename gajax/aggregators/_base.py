@@ -187,7 +187,7 @@ def cast_like(tree: PyTree, like: PyTree) -> PyTree:
 
 
 def trace_normalized(gramian: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(K / tr K, tr K)`` for a PSD ``[T, T]`` Gramian ``K``; divides by 1 when ``tr K`` is 0 or not finite.
+  """``(K / tr K, tr K)`` for a PSD ``[T, T]`` Gramian ``K`` (divided by 1 if ``tr K`` is 0 or inf).
 
   ``tr K = sum_i |g_i|^2`` is the squared Frobenius norm of the Jacobian, so ``K / tr K`` has
   eigenvalues in ``[0, 1]`` summing to 1 whatever the scale of the updates.
@@ -199,7 +199,7 @@ def trace_normalized(gramian: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def from_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
-  """Builds a stateless aggregator ``sum_i w_i g_i`` with ``w = weighting(K)``, ``K`` the ``[T, T]`` Gramian.
+  """Builds a stateless aggregator ``sum_i w_i g_i`` with ``w = weighting(K)``, ``K`` the Gramian.
 
   For weightings that are invariant to a common positive scale of the ``g_i``: ``K`` is taken from
   :func:`normalized_gramian` (inputs divided by their largest entry, so that 1e+30 does not overflow
@@ -228,13 +228,17 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
   ``sum_i w_i h_i`` is returned in the input dtypes. Tasks whose sizes differ by many orders of
   magnitude then keep full relative precision in ``K_h``, which sign conditions such as
   ``<g_i, d> >= 0`` need.
+
+  The extra argument ``task_mask`` (bool ``[T]``, from :func:`gajax.aggregators.skip_nonfinite_tasks`)
+  is passed on as ``weighting(K_h, s, task_mask)`` (``None`` when absent); other extra keyword
+  arguments are ignored.
   """
 
   def init_fn(params):
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, task_mask=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
     peaks = task_max_abs(updates)
@@ -244,14 +248,18 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
     top = jnp.max(jnp.where(peaks > 0, scales, 0.0))
     scales = jnp.where(peaks > 0, scales, jnp.where(top > 0, top, 1.0))
     scaled = scale_tasks(updates, 1.0 / scales)
-    weights = weighting(gramian(scaled), scales)
+    weights = weighting(gramian(scaled), scales, task_mask)
     return cast_like(weighted_sum(scaled, weights), updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def preference_vector(pref_vector, t: int, what: str) -> jax.Array:
-  """A float32 ``[T]`` preference vector: ``1/T`` everywhere for ``None``, else ``pref_vector`` checked for shape."""
+  """A float32 ``[T]`` preference vector: ``1/T`` everywhere for ``None``, else ``pref_vector``.
+
+  Raises:
+    ValueError: when ``pref_vector`` does not have shape ``[T]``.
+  """
   if pref_vector is None:
     return jnp.full((t,), 1.0 / t, jnp.float32)
   pref = jnp.asarray(pref_vector, jnp.float32)

@@ -1,4 +1,7 @@
-"""Aligned-MTL, "Independent Component Alignment for Multi-Task Learning" (Senushkin et al., CVPR 2023, arXiv:2305.19000)."""
+"""Aligned-MTL, "Independent Component Alignment for Multi-Task Learning" (Senushkin et al., 2023).
+
+CVPR 2023, arXiv:2305.19000.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def aligned_mtl(pref_vector: Sequence[float] | None = None, scale_mode: str = "m
                 rtol: float | None = None) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL: aggregates the task updates after equalising their singular values.
 
-  ``A(J) = sqrt(lambda_ref) V U^T u`` (see :func:`aligned_mtl_weights`), ``u = 1/T`` by default (TorchJD's
+  ``A(J) = sqrt(lambda_ref) V U^T u`` (:func:`aligned_mtl_weights`), ``u = 1/T`` by default (TorchJD's
   scale; the paper's code sums, ``u = 1``). The smallest singular value sets the common scale by
   default, so the update is bounded by the weakest direction. Gramian from inputs divided by their
   largest entry (weights are scale invariant), applied to the original updates.

@@ -1,4 +1,7 @@
-"""CAGrad, "Conflict-Averse Gradient Descent for Multi-task Learning" (Liu et al., NeurIPS 2021, arXiv:2110.14048)."""
+"""CAGrad, "Conflict-Averse Gradient Descent for Multi-task Learning" (Liu et al., NeurIPS 2021).
+
+arXiv:2110.14048.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ def cagrad_weights(gramian: jax.Array, c: float = 0.5, *, rescale: bool = True,
   The distance is non-decreasing in ``tau`` (the sets shrink), and ``d*`` is the projection of ``g_0``
   onto ``P_tau*`` with ``tau*`` the largest level at distance ``<= r``. ``tau*`` lies in
   ``[min_i (K u)_i, min_i ((K u)_i + r sqrt(K_ii))]``; we bisect it ``num_bisections`` times (each step
-  warm-starts the QP from the previous solution and its swept inverse) and keep the last feasible level, so
-  ``|d - g_0| <= r`` always. This ``d`` equals the paper's ``g_0 + (r/|g_w|) g_w`` with
+  warm-starts the QP from the previous solution and its swept inverse) and keep the last feasible
+  level, so ``|d - g_0| <= r`` always. This ``d`` equals the paper's ``g_0 + (r/|g_w|) g_w`` with
   ``w = y / 1^T y`` (the KKT conditions coincide), and it stays well defined when ``g_w = 0``, where the
   paper's formula divides by zero (TorchJD returns zero weights there; we return the projection of
   ``g_0`` onto the best level set, which attains the optimal worst-case improvement).
@@ -79,7 +82,7 @@ def cagrad_weights(gramian: jax.Array, c: float = 0.5, *, rescale: bool = True,
 
 
 def cagrad(c: float = 0.5, rescale: bool = True) -> optax.GradientTransformationExtraArgs:
-  r"""CAGrad: the mean update moved, within a ball of radius ``c |g_0|``, to maximise the worst task's gain.
+  r"""CAGrad: the mean update moved within a ball of radius ``c |g_0|`` to maximise the worst gain.
 
   ``A(J) = d* / (1 + c^2)`` (official code default) with ``d*`` from :func:`cagrad_weights`;
   ``rescale=False`` returns ``d*`` itself (TorchJD's scale). ``c = 0.5`` is the paper's and TorchJD's

@@ -49,7 +49,7 @@ def imtl_g_weights(gramian: jax.Array, *, ridge: float = 1e-8, cancel_tol: float
 
 
 def imtl_g() -> optax.GradientTransformationExtraArgs:
-  r"""IMTL-G: ``sum_i alpha_i g_i`` with equal projections onto every task's unit update and ``sum alpha = 1``.
+  r"""IMTL-G: ``sum_i alpha_i g_i``, equal projections on every unit update, ``sum_i alpha_i = 1``.
 
   Weights from :func:`imtl_g_weights`; the output scale follows the paper and TorchJD (weights sum to
   1, so identical updates give that update back). Gramian from inputs divided by their largest entry

@@ -1,4 +1,7 @@
-"""Krum and Multi-Krum, "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent" (Blanchard et al., NeurIPS 2017)."""
+"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
+
+"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent".
+"""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ def _spd_solve(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
   return jax.lax.linalg.triangular_solve(chol, y, left_side=True, lower=True, transpose_a=True)[:, 0]
 
 
-def nash_mtl_weights(gramian: jax.Array, *, num_iters: int = 20, max_norm: float | jax.Array | None = None,
-                     rtol: float = 1e-6) -> jax.Array:
+def nash_mtl_weights(gramian: jax.Array, *, num_iters: int = 20,
+                     max_norm: float | jax.Array | None = None, rtol: float = 1e-6) -> jax.Array:
   r"""The Nash bargaining weights: ``alpha > 0`` with ``(K_hat alpha)_i = 1 / alpha_i`` for every task.
 
   Navon et al. (2022, Thm. 5.1) show that the Nash bargaining solution over the ball of updates is

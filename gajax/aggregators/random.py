@@ -1,4 +1,7 @@
-"""Random loss weighting (RLW), "Reasonable Effectiveness of Random Weighting" (Lin et al., TMLR 2022, arXiv:2111.10603)."""
+"""Random loss weighting (RLW), "Reasonable Effectiveness of Random Weighting" (Lin et al., 2022).
+
+TMLR 2022, arXiv:2111.10603.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def random_weights(key: jax.Array, num_tasks: int) -> jax.Array:
   return jax.nn.softmax(jax.random.normal(key, (num_tasks,), jnp.float32))
 
 
-def random(key: jax.Array | int) -> optax.GradientTransformationExtraArgs:  # pylint: disable=redefined-builtin
+def random(key: jax.Array | int) -> optax.GradientTransformationExtraArgs:
   r"""RLW: ``sum_i w_i g_i`` with fresh weights ``w = softmax(N(0, I))`` at every update.
 
   The weights sum to 1, so the output is a random convex combination (mean scale, like TorchJD's

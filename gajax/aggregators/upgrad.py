@@ -1,4 +1,7 @@
-"""UPGrad, from "Jacobian Descent for Multi-Objective Optimization" (Quinton & Rey, 2024, arXiv:2406.16232)."""
+"""UPGrad, from "Jacobian Descent for Multi-Objective Optimization" (Quinton & Rey, 2024).
+
+arXiv:2406.16232; reference implementation: TorchJD.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from gajax.aggregators import _base, _qp
 
 
 def upgrad_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Array | None = None,
-                   scales: jax.Array | None = None) -> jax.Array:
-  r"""Weights ``w`` with ``sum_i w_i g_i = sum_i pi_C(u_i g_i)``: the (weighted) mean of projected updates.
+                   scales: jax.Array | None = None,
+                   task_mask: jax.Array | None = None) -> jax.Array:
+  r"""Weights ``w`` with ``sum_i w_i g_i = sum_i pi_C(u_i g_i)``, the mean of the projected updates.
 
   ``C = {x : J x >= 0}`` is the dual cone of the task updates (rows of ``J``). Each ``u_i g_i`` is
   projected onto ``C`` through the dual QP derived in :func:`gajax.aggregators.dualproj.dualproj_weights`
@@ -37,6 +41,8 @@ def upgrad_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Array 
     gramian: float32 ``[T, T]`` Gramian of the (possibly rescaled) tasks.
     pref_vector: optional ``[T]`` preference ``u`` (default ``1/T``). Any sign is allowed.
     scales: optional float32 ``[T]`` positive per-task scales ``s_i``.
+    task_mask: optional bool ``[T]``: masked tasks (zero rows, whose constraints are then vacuous) get
+      no preference weight, and the others are rescaled to keep ``sum_i |u_i|`` (e.g. ``1/T_kept``).
 
   Returns:
     float32 ``[T]`` weights for the rows the Gramian was built from.
@@ -44,6 +50,8 @@ def upgrad_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Array 
   q, _ = _base.trace_normalized(gramian)
   t = q.shape[0]
   u = _base.preference_vector(pref_vector, t, "upgrad_weights")
+  if task_mask is not None:
+    u = _base.renormalize_masked(u, task_mask)
   if scales is None:
     scales = jnp.ones((t,), jnp.float32)
   s_max = jnp.max(scales)
@@ -54,7 +62,7 @@ def upgrad_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Array 
 
 
 def upgrad(pref_vector: Sequence[float] | None = None) -> optax.GradientTransformationExtraArgs:
-  r"""UPGrad ("unconflicting projection of gradients"): the mean of the updates projected onto the dual cone.
+  r"""UPGrad (unconflicting projection of gradients): the mean of the updates projected on the dual cone.
 
   ``A(J) = sum_i pi_C(u_i g_i)`` with ``C = {x : J x >= 0}`` and ``u = 1/T`` by default, i.e. the mean
   of the projected updates ``(1/T) sum_i pi_C(g_i)`` -- TorchJD's ``UPGrad`` output scale (mean, not
@@ -68,8 +76,9 @@ def upgrad(pref_vector: Sequence[float] | None = None) -> optax.GradientTransfor
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: input leaves ``[T, *s]``, output leaves ``[*s]`` in
-    the input dtype; extra keyword arguments of ``update`` are ignored. Permutation invariant with the
+    the input dtype; extra keyword arguments of ``update`` are ignored except ``task_mask``, whose
+    masked tasks get no preference weight (the mean over the kept tasks). Permutation invariant with the
     default preference.
   """
   return _base.from_scaled_gramian_weighting(
-      lambda k, s: upgrad_weights(k, pref_vector, s))
+      lambda k, s, mask: upgrad_weights(k, pref_vector, s, mask))

@@ -1,0 +1,68 @@
+"""Smoke tests of scripts/benchmark.py: every suite runs with --quick and writes well-formed JSON.
+
+No timing is asserted (the machine is shared); only the structure of the output.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"suite", "config", "device", "median_ms", "min_ms", "max_ms", "repeats"}
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def run_benchmark(*args, pythonpath=(), timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([*map(str, pythonpath), str(ROOT)]))
+  return subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args],
+                        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_quick_all_suites_write_rows_and_table(tmp_path):
+  out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+  result = run_benchmark("--suite=all", "--quick", f"--json={out}", f"--markdown={md}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["quick"] is True and data["device"].startswith("cpu")
+  rows = data["rows"]
+  expected = {"aggregators", "meta_step", "flops"} | ({"peers"} if HAVE_TORCH else set())
+  assert {r["suite"] for r in rows} == expected
+  for r in rows:
+    assert ROW_KEYS <= set(r), r
+    assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and math.isfinite(r["max_ms"]), r
+    if "ratio" in r:
+      assert r["baseline"] and 0 < r["ratio_min"] <= r["ratio_max"], r
+  configs = {r["config"] for r in rows}
+  assert "mean T=2 P=1e+03" in configs and "gradient_agreement T=2 P=1e+03" in configs
+  assert any("gradient_agreement" in c and r["suite"] == "meta_step" and "ratio" in r
+             for r in rows for c in [r["config"]])
+  assert {"sinusoid maml per-task vmap", "sinusoid maml per-task loop"} <= configs
+  flops = [r for r in rows if r["suite"] == "flops"]
+  assert flops[0]["fraction_of_peak"] == 1.0 and all(r["flops"] > 0 for r in flops)
+  if HAVE_TORCH:
+    peers = [r for r in rows if r["suite"] == "peers" and "ratio" in r]
+    assert peers and all(r["baseline"] == "gajax" and r["implementation"] for r in peers)
+  # The markdown table comes last on stdout, one line per row, and the same table is in --markdown.
+  lines = result.stdout.strip().splitlines()
+  table = lines[-(len(rows) + 2):]
+  assert table[0].startswith("| suite | config |") and all(line.startswith("|") for line in table)
+  assert "\n".join(table) in md.read_text()
+
+
+def test_peers_without_torch_says_skipped_and_exits_0(tmp_path):
+  # A `torch` package that fails to import stands in for a machine without PyTorch.
+  blocker = tmp_path / "no_torch" / "torch"
+  blocker.mkdir(parents=True)
+  (blocker / "__init__.py").write_text("raise ImportError('torch is blocked by the test')\n")
+  out = tmp_path / "bench.json"
+  result = run_benchmark("--suite=peers", "--quick", f"--json={out}", pythonpath=[blocker.parent])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "peers: skipped: PyTorch is not installed" in result.stdout
+  data = json.loads(out.read_text())
+  assert data["rows"] == []
+  assert data["skipped"] == [{"suite": "peers", "reason": "torch not installed"}]
