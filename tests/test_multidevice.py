@@ -20,19 +20,18 @@ SCRIPT = textwrap.dedent("""
     learner = algorithms.maml(task.loss_fn, inner_steps=2, inner_lr=0.01)
     mesh = meta.task_mesh(8)
     for make, num_tasks in ((aggregators.mean, 8), (aggregators.gradient_agreement, 16)):
-      if True:  # one task count per aggregator keeps compile time down
-        tx = optax.chain(make(), optax.adam(1e-2))
-        state = meta.init_state(jax.random.PRNGKey(1), task.init_params(jax.random.PRNGKey(0)), tx)
-        single = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks))
-        sharded = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks, mesh=mesh))
-        a, b = state, meta.replicate(state, mesh)
-        for _ in range(3):
-          a, ma = single(a)
-          b, mb = sharded(b)
-        for x, y in zip(jax.tree_util.tree_leaves((a.params, ma)), jax.tree_util.tree_leaves((b.params, mb))):
-          np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
-        text = sharded.lower(b).compile().as_text()
-        assert "all-reduce" in text or "all-gather" in text, "no collectives: the tasks were not sharded"
+      tx = optax.chain(make(), optax.adam(1e-2))
+      state = meta.init_state(jax.random.PRNGKey(1), task.init_params(jax.random.PRNGKey(0)), tx)
+      single = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks))
+      sharded = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks, mesh=mesh))
+      a, b = state, meta.replicate(state, mesh)
+      for _ in range(3):
+        a, ma = single(a)
+        b, mb = sharded(b)
+      for x, y in zip(jax.tree_util.tree_leaves((a.params, ma)), jax.tree_util.tree_leaves((b.params, mb))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+      text = sharded.lower(b).compile().as_text()
+      assert "all-reduce" in text or "all-gather" in text, "no collectives: the tasks were not sharded"
     try:
       meta.make_meta_step(learner, tx, task.sample, 12, mesh=mesh)
     except ValueError as e:
