@@ -301,10 +301,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
     with open(metrics_path, "r+") as f:
       f.truncate(info["metrics_bytes"])
     print_fn(f"resumed from the checkpoint at step {int(state.step)} in {workdir}")
-  state = exp.place(state)
   else:
     open(metrics_path, "w").close()
-    state = exp.place(state)
+  state = exp.place(state)
 
   with open(metrics_path, "a") as metrics_file:
     start, done = time.perf_counter(), int(state.step)
