@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from gajax import aggregators, algorithms, meta
 from gajax.checkpoint import Checkpointer
@@ -226,8 +227,17 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return train_key, eval_key
 
 
+def to_numpy(tree):
+  """Host copies of every leaf; arrays spanning other processes' devices are gathered first."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree_util.tree_map(one, tree)
+
+
 def _to_host(tree):
-  return jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), tree)
+  return jax.tree_util.tree_map(lambda x: x.tolist(), to_numpy(tree))
 
 
 # Settings that may change when a run is resumed: they do not change what the meta-steps compute.
@@ -322,13 +332,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
                            + "\n")
       done += count
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_iterations):
-        mean, ci = meta.mean_ci95(evaluate(state.params, eval_key, exp.task.eval_data))
+        mean, ci = meta.mean_ci95(to_numpy(evaluate(state.params, eval_key, exp.task.eval_data)))
         metrics_file.write(json.dumps({"step": done, "eval_mean": float(mean),
                                        "eval_ci95": float(ci)}) + "\n")
       metrics_file.flush()
       if done % checkpoint_every == 0 or done == config.num_iterations:
         os.fsync(metrics_file.fileno())
-        checkpointer.save(done, state, {"metrics_bytes": metrics_file.tell()})
+        checkpointer.save(done, to_numpy(state), {"metrics_bytes": metrics_file.tell()})
       skipped = int(np.sum(metrics.get("skipped_tasks", 0)))
       print_fn(f"step {done:>7d}/{config.num_iterations}  support_loss "
                f"{np.mean(metrics['support_loss']):.4f}  query_loss "
@@ -337,7 +347,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
                + (f"  skipped {skipped} non-finite tasks" if skipped else ""), flush=True)
   checkpointer.close()
 
-  values = evaluate(state.params, eval_key, exp.task.eval_data)
+  values = to_numpy(evaluate(state.params, eval_key, exp.task.eval_data))
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
