@@ -9,7 +9,6 @@ Data flow of one meta-step (everything inside one ``jit``)::
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax

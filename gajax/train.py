@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -40,10 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gajax import algorithms, benchmarking, meta
+from gajax import aggregators, algorithms, benchmarking, meta
 from gajax.models import Conv4, MLP
 from gajax.tasks import sinusoid
-from gajax.train import make_aggregator
 # pylint: enable=wrong-import-position
 
 SUITES = ("aggregators", "meta_step", "flops", "peers")
@@ -101,10 +100,12 @@ def aggregator_names():
     return ["mean", "gradient_agreement"], None
 
 
-def build_aggregator(name, registry, num_tasks):
+def build_aggregator(name, num_tasks, registry=None):
   """The aggregator ``name`` with the arguments its factory requires, sized for ``num_tasks``."""
+  if name == "gradient_agreement":  # Sized state: it can live in a lax.scan carry.
+    return aggregators.gradient_agreement(num_tasks=num_tasks)
   if registry is None:
-    return make_aggregator(name, num_tasks)
+    return aggregators.mean()
   params = inspect.signature(registry.factory(name)).parameters
   kwargs = {}
   if "num_tasks" in params:
@@ -154,7 +155,7 @@ def suite_aggregators(rows):
       contenders = {}
       for name in wanted:
         try:
-          tx = build_aggregator(name, registry, num_tasks)
+          tx = build_aggregator(name, num_tasks, registry)
           state = tx.init(params)
           fn = jax.jit(functools.partial(lambda tx, u, s, p: tx.update(u, s, p), tx))
           jax.block_until_ready(fn(updates, state, params))  # Compile now: failures skip the name.
@@ -266,7 +267,7 @@ def make_learner(cfg, algorithm, loss_fn):
 def meta_step(cfg, algorithm, aggregator):
   """``(step, jitted step, state)`` for one workload; cached, so suites share compiled steps."""
   sample, loss_fn, init_params = workload(cfg)
-  tx = optax.chain(make_aggregator(aggregator, cfg.num_tasks), optax.adam(1e-3))
+  tx = optax.chain(build_aggregator(aggregator, cfg.num_tasks), optax.adam(1e-3))
   step = meta.make_meta_step(make_learner(cfg, algorithm, loss_fn), tx, sample, cfg.num_tasks)
   state = meta.init_state(jax.random.PRNGKey(1), init_params(jax.random.PRNGKey(0)), tx)
   return step, jax.jit(step), state
@@ -290,7 +291,7 @@ def loop_vs_vmap(cfg):
   """
   sample, loss_fn, init_params = workload(cfg)
   learner = make_learner(cfg, "maml", loss_fn)
-  tx = optax.chain(make_aggregator("mean", cfg.num_tasks), optax.adam(1e-3))
+  tx = optax.chain(aggregators.mean(), optax.adam(1e-3))
   params = init_params(jax.random.PRNGKey(0))
   opt_state = tx.init(params)
   support, query = jax.jit(sample, static_argnums=1)(jax.random.PRNGKey(1), cfg.num_tasks)

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 
-import jax
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

@@ -1,7 +1,6 @@
 """The non-finite guard: bad tasks get zero weight, the rest renormalise, all-bad steps change nothing."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gajax.aggregators import _base
+
 
 class QPState(NamedTuple):
   """Warm-startable state of :func:`nonneg_qp_solve`.
@@ -182,3 +184,21 @@ def nonneg_qp(q: jax.Array, b: jax.Array, *, max_iter: int | None = None, tol: f
   """
   state, _ = nonneg_qp_solve(q, b, None, max_iter=max_iter, tol=tol, ridge=ridge, refine=refine)
   return state.v
+
+
+def dual_cone_problem(gramian, pref_vector, scales, task_mask, name):
+  """Shared set-up of UPGrad and DualProj: ``(Q, c, s_max)``.
+
+  ``Q = K / tr K`` is the trace-normalised Gramian, ``u`` the preference vector (default ``1/T``,
+  renormalised over kept tasks when ``task_mask`` is given) and ``c = u * s / max(s)`` the preference
+  expressed on the rescaled rows (``g_i = s_i h_i``).
+  """
+  q, _ = _base.trace_normalized(gramian)
+  t = q.shape[0]
+  u = _base.preference_vector(pref_vector, t, name)
+  if task_mask is not None:
+    u = _base.renormalize_masked(u, task_mask)
+  if scales is None:
+    scales = jnp.ones((t,), jnp.float32)
+  s_max = jnp.max(scales)
+  return q, u * (scales / s_max), s_max

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from gajax.aggregators import _base, _qp
@@ -55,15 +54,7 @@ def dualproj_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Arra
   Returns:
     float32 ``[T]`` weights for the rows the Gramian was built from.
   """
-  q, _ = _base.trace_normalized(gramian)
-  t = q.shape[0]
-  u = _base.preference_vector(pref_vector, t, "dualproj_weights")
-  if task_mask is not None:
-    u = _base.renormalize_masked(u, task_mask)
-  if scales is None:
-    scales = jnp.ones((t,), jnp.float32)
-  s_max = jnp.max(scales)
-  c = u * (scales / s_max)
+  q, c, s_max = _qp.dual_cone_problem(gramian, pref_vector, scales, task_mask, "dualproj_weights")
   v = _qp.nonneg_qp(q, q @ c)
   return s_max * (c + v)
 

@@ -47,15 +47,7 @@ def upgrad_weights(gramian: jax.Array, pref_vector: Sequence[float] | jax.Array 
   Returns:
     float32 ``[T]`` weights for the rows the Gramian was built from.
   """
-  q, _ = _base.trace_normalized(gramian)
-  t = q.shape[0]
-  u = _base.preference_vector(pref_vector, t, "upgrad_weights")
-  if task_mask is not None:
-    u = _base.renormalize_masked(u, task_mask)
-  if scales is None:
-    scales = jnp.ones((t,), jnp.float32)
-  s_max = jnp.max(scales)
-  c = u * (scales / s_max)
+  q, c, s_max = _qp.dual_cone_problem(gramian, pref_vector, scales, task_mask, "upgrad_weights")
   # Row i of q is K_{:, i} (symmetric); problem i has linear term c_i K_{:, i}.
   v = jax.vmap(lambda b: _qp.nonneg_qp(q, b))(c[:, None] * q)
   return s_max * (c + jnp.sum(v, axis=0))
