@@ -105,6 +105,11 @@ def degenerate_cases(t):
 
 def check_non_conflicting(j, out, rtol=1e-3):
   j = np.asarray(j, np.float64)
+  # Rows whose float32 entries are all subnormal reach the aggregator as zero rows (XLA's CPU backend
+  # flushes denormals to zero), so no guarantee can hold for them: leave them out of the check.
+  j = j[np.max(np.abs(j), axis=1) >= np.finfo(np.float32).tiny]
+  if j.shape[0] == 0:
+    return
   a = flat(out)
   s = np.max(np.abs(j))
   if s == 0:
