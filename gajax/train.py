@@ -382,7 +382,7 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
       blocks[count] = make_block(exp, count, vmap_seeds=True)
     state, metrics = blocks[count](state, exp.task.train_data)
     done += count
-    loss = np.asarray(metrics["query_loss"]).mean(axis=1)
+    loss = np.asarray(metrics["query_loss"]).mean(axis=0)  # metrics are [count, seeds]
     print_fn(f"  step {done:>7d}/{config.num_iterations}  query_loss per seed "
              f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s",
              flush=True)
