@@ -111,9 +111,10 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     if skipped is not None:
       # Every task was non-finite: take no step at all (Adam's momentum alone would still move).
       frozen = skipped >= num_tasks
+      # A lazily sized state entry (e.g. agreement weights without num_tasks) takes its new value.
       params, opt_state = jax.tree_util.tree_map(
-          lambda old, new: jnp.where(frozen, old, new), (state.params, state.opt_state),
-          (params, opt_state))
+          lambda old, new: jnp.where(frozen, old, new) if old.shape == new.shape else new,
+          (state.params, state.opt_state), (params, opt_state))
     metrics = {
         "support_loss": jnp.mean(aux.support_loss),
         "query_loss": jnp.mean(aux.query_loss),

@@ -1,6 +1,9 @@
 """The non-finite guard: bad tasks get zero weight, the rest renormalise, all-bad steps change nothing."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -84,3 +87,32 @@ def test_fuzz_guarded_agreement_never_outputs_nan(t, dim, log_scale, nan_rows, d
     out, state = tx.update({"g": g}, tx.init(None))
     assert np.all(np.isfinite(out["g"]))
     assert int(state.skipped) == len([r for r in nan_rows if r < t])
+
+
+_FUZZ_TASK = sinusoid.make_task(shots=3, queries=3, hidden=(4,))
+_FUZZ_LEARNER = algorithms.maml(_FUZZ_TASK.loss_fn, inner_steps=1, inner_lr=0.01)
+
+
+@functools.lru_cache(maxsize=None)
+def _fuzz_step(num_tasks, aggregator):
+  tx = optax.chain(aggregators.skip_nonfinite_tasks(aggregators.get(aggregator)), optax.adam(1e-2))
+
+  def poisoned(key, n, bad):
+    support, query = _FUZZ_TASK.sample(key, n, None)
+    return support, {"x": query["x"], "y": query["y"] * bad[:, None, None]}
+
+  return tx, jax.jit(meta.make_meta_step(_FUZZ_LEARNER, tx, poisoned, num_tasks))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(num_tasks=st.sampled_from([1, 3]), aggregator=st.sampled_from(["mean", "agreement"]),
+       poison=st.lists(st.sampled_from([1.0, np.nan, np.inf, 1e30]), min_size=4, max_size=4))
+def test_fuzz_meta_step_keeps_params_finite(num_tasks, aggregator, poison):
+  """Whatever tasks carry NaN/Inf/huge targets, the guarded meta-step never writes a non-finite param."""
+  tx, step = _fuzz_step(num_tasks, aggregator)
+  state = meta.init_state(jax.random.PRNGKey(0), _FUZZ_TASK.init_params(jax.random.PRNGKey(1)), tx)
+  bad = jnp.asarray(poison[:num_tasks], jnp.float32)
+  new_state, metrics = step(state, bad)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(new_state.params))
+  expected_skipped = sum(not np.isfinite(p) for p in poison[:num_tasks])
+  assert int(metrics["skipped_tasks"]) >= expected_skipped
