@@ -54,8 +54,10 @@ def agreement_weights(task_updates: PyTree) -> jax.Array:
   # A zero or non-finite peak would turn the rescaling itself into NaN; 1.0 keeps zeros at zero and
   # lets NaN/Inf inputs propagate as NaN rather than be hidden.
   inv_scale = jnp.where((peak > 0) & jnp.isfinite(peak), 1.0 / peak, 1.0)
-  total = _base.task_sum(task_updates, inv_scale)
-  scores = _base.inner_products(task_updates, total, inv_scale)
+  # <g_i, G> * inv_scale^2 without rescaling the T x P input: the scale enters the sum's weights, and
+  # once more the P-sized result, so inv_scale^2 itself is never formed (it could overflow float32).
+  total = jax.tree_util.tree_map(lambda x: x * inv_scale, _base.task_sum(task_updates, inv_scale))
+  scores = _base.inner_products(task_updates, total)
   denom = jnp.sum(jnp.abs(scores))
   safe = denom > 0
   return jnp.where(safe, scores / jnp.where(safe, denom, 1.0), jnp.full((t,), 1.0 / t, jnp.float32))
