@@ -5,19 +5,24 @@
 
 Suites (``--suite``):
   aggregators  each registered aggregator's jitted ``tx.update`` on a stacked pytree (2 leaves), for
-               T tasks and P parameters, as a ratio to ``mean`` timed in the same process.
+               T in {2, 8, 32, 128} tasks and P in {1e4, 1e6} parameters, as a ratio to ``mean`` timed
+               in the same process.
   meta_step    meta-iterations/s of the jitted meta-step (sampling, per-task updates, aggregation,
-               Adam) for sinusoid regression and Conv-4 on random Omniglot-shaped images, MAML / FOMAML /
-               Reptile x mean / gradient agreement; vmap over tasks vs a Python loop over tasks; one
-               jit call per step vs a ``lax.scan`` block of 10 steps.
-  flops        achieved FLOP/s of MAML meta-steps (XLA cost analysis) against a float32 2048x2048
-               matrix product timed in the same run.
-  peers        the same MAML configs written in plain PyTorch (optional: needs torch, see
-               requirements-bench.txt); ratio torch_ms / jax_ms.
+               Adam): sinusoid MLP (MAML / FOMAML / Reptile x mean / gradient agreement) and Conv-4 on
+               random Omniglot-shaped images (MAML x mean / agreement; ``--big`` adds FOMAML, Reptile,
+               max-pooling and 20-way 1-shot); vmap over tasks vs a Python loop over tasks; one jit
+               call per step vs a ``lax.scan`` block of 10 steps.
+  flops        achieved FLOP/s of MAML meta-steps (XLA cost analysis, scans unrolled for the count)
+               against a float32 2048x2048 matrix product timed in the same run.
+  peers        the sinusoid and 5-way Conv-4 (stride-2 and max-pool) MAML configs written in plain
+               PyTorch, as a Python loop over tasks and with torch.func.vmap, at each
+               ``--torch_threads`` (optional: needs torch, see requirements-bench.txt; skipped with a
+               message without it); ratio torch_ms / jax_ms.
 
 Every comparison is timed inside one process with interleaved repeats (see gajax/benchmarking.py);
-rows give the median, min and max over ``--repeats`` samples taken after ``--warmup`` calls. The
-markdown table is printed last; ``--json`` gets every row.
+rows give the median, min and max over ``--repeats`` samples taken after ``--warmup`` calls (programs
+slower than 1 s get ``--max_repeats_slow``). The markdown table is printed last; ``--json`` gets every
+row.
 """
 
 import dataclasses
@@ -41,7 +46,7 @@ import numpy as np
 import optax
 
 from gajax import aggregators, algorithms, benchmarking, meta
-from gajax.models import Conv4, MLP
+from gajax.models import Conv4
 from gajax.tasks import sinusoid
 # pylint: enable=wrong-import-position
 
@@ -60,6 +65,9 @@ flags.DEFINE_bool("big", False, "Also the slow Conv-4 measurements: FOMAML/Repti
                   "takes 10-60 s on a 2-core CPU).")
 flags.DEFINE_list("aggregators", None, "Aggregators for the aggregators suite (default: all "
                   "registered; with --quick: mean, gradient_agreement).")
+flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values for the peers suite. "
+                  "2 matches XLA's pool on a 2-core machine; 1 is there because on a loaded machine "
+                  "PyTorch's OpenMP barriers make 2 threads up to ~35x slower than 1.")
 FLAGS = flags.FLAGS
 
 BLOCK = 10  # Steps per lax.scan block in the jit-per-step comparison.
@@ -434,7 +442,7 @@ def peer_configs():
   return [c for c in configs if c.name in ("sinusoid", "omni5w_stride", "omni5w_pool")]
 
 
-def torch_maml(torch, cfg, vectorised):
+def torch_maml(torch, cfg, vectorised, threads):
   """A plain PyTorch second-order MAML meta-step for ``cfg`` (mean over tasks, then Adam).
 
   ``vectorised=False``: a Python loop over tasks; each inner step is
@@ -442,7 +450,8 @@ def torch_maml(torch, cfg, vectorised):
   back-propagated on its own (the pattern of learn2learn's MAML examples).
   ``vectorised=True``: ``torch.func.vmap`` over tasks of ``torch.func.grad`` of the query loss after an
   inner loop of ``torch.func.grad`` steps (the closest PyTorch analogue of gajax's ``vmap``).
-  Data are drawn inside the step with torch's RNG, as gajax draws them inside its jitted step.
+  Data are drawn inside the step with torch's RNG, as gajax draws them inside its jitted step. Each
+  call first sets ``torch.set_num_threads(threads)``.
   """
   F = torch.nn.functional
   gen = torch.Generator().manual_seed(0)
@@ -509,6 +518,7 @@ def torch_maml(torch, cfg, vectorised):
   steps, lr, t = cfg.inner_steps, cfg.inner_lr, cfg.num_tasks
 
   def looped():
+    torch.set_num_threads(threads)
     xs, ys, xq, yq = sample()
     opt.zero_grad()
     for i in range(t):
@@ -530,6 +540,7 @@ def torch_maml(torch, cfg, vectorised):
   per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0))
 
   def vectorised_step():
+    torch.set_num_threads(threads)
     xs, ys, xq, yq = sample()
     meta_grads = per_task(tuple(p.detach() for p in params), xs, ys, xq, yq)
     for p, g in zip(params, meta_grads):
@@ -545,38 +556,35 @@ def suite_peers(rows):
   except ImportError:
     log("peers: skipped: PyTorch is not installed (optional; pip install -r requirements-bench.txt).")
     return [{"suite": "peers", "reason": "torch not installed"}]
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  torch.set_num_threads(threads)  # The same core count that XLA's CPU thread pool uses.
-  torch_device = (f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__} "
-                  f"({torch.get_num_threads()} threads)")
   skipped = []
+  flavours = {"loop": (False, "Python loop over tasks, torch.autograd.grad(create_graph=True)"),
+              "vmap": (True, "torch.func.vmap over tasks of nested torch.func.grad")}
   for cfg in peer_configs():
     _, jitted, state = meta_step(cfg, "maml", "mean")
     contenders = {"jax": (jitted, (state,))}
-    for name, vectorised in (("torch_loop", False), ("torch_vmap", True)):
-      fn = torch_maml(torch, cfg, vectorised)
-      try:
-        fn()
-      except Exception as e:  # pylint: disable=broad-except
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        log(f"peers: {cfg.name} {name} failed, skipped: {msg}")
-        skipped.append({"suite": "peers", "config": f"{cfg.name} {name}", "reason": msg})
-        continue
-      contenders[name] = (fn, ())
+    for threads in FLAGS.torch_threads:
+      for flavour, (vectorised, _) in flavours.items():
+        name = (flavour, threads)
+        fn = torch_maml(torch, cfg, vectorised, threads)
+        try:
+          fn()
+        except Exception as e:  # pylint: disable=broad-except
+          msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+          log(f"peers: {cfg.name} torch {flavour} failed, skipped: {msg}")
+          skipped.append({"suite": "peers", "config": f"{cfg.name} torch {flavour}", "reason": msg})
+          continue
+        contenders[name] = (fn, ())
     log(f"peers: {cfg.describe()}: gajax vs PyTorch MAML (second order, Adam), interleaved")
     timings = timed(contenders)
-    jax_timing = timings["jax"]
+    jax_timing = timings.pop("jax")
     rows.append(row("peers", f"{cfg.name} maml gajax (vmap, jit)", jax_timing,
                     workload=cfg.describe(), its_per_s=1.0 / jax_timing.median))
-    for name in ("torch_loop", "torch_vmap"):
-      if name not in timings:
-        continue
-      how = ("Python loop over tasks, autograd.grad(create_graph=True)" if name == "torch_loop"
-             else "torch.func vmap over tasks of nested torch.func.grad")
-      ratio = benchmarking.paired_ratio(timings[name], jax_timing)
-      rows.append(row("peers", f"{cfg.name} maml {name}", timings[name], device=torch_device,
-                      workload=cfg.describe(), baseline="gajax", implementation=how,
-                      its_per_s=1.0 / timings[name].median, **ratio))
+    for (flavour, threads), timing in timings.items():
+      device = f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__}, {threads} thread(s)"
+      rows.append(row("peers", f"{cfg.name} maml torch {flavour} {threads}t", timing, device=device,
+                      workload=cfg.describe(), baseline="gajax", implementation=flavours[flavour][1],
+                      torch_threads=threads, its_per_s=1.0 / timing.median,
+                      **benchmarking.paired_ratio(timing, jax_timing)))
   return skipped
 
 
@@ -611,6 +619,11 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.max_repeats_slow < 1:
     sys.exit("error: --repeats and --max_repeats_slow must be >= 1 and --warmup >= 0.")
+  try:
+    FLAGS.torch_threads = [int(n) for n in FLAGS.torch_threads]
+    assert all(n >= 1 for n in FLAGS.torch_threads)
+  except (ValueError, AssertionError):
+    sys.exit(f"error: --torch_threads must be integers >= 1; got {FLAGS.torch_threads}.")
   if FLAGS.quick:
     FLAGS.repeats = min(FLAGS.repeats, 2)
     FLAGS.warmup = min(FLAGS.warmup, 1)
