@@ -121,10 +121,6 @@ def from_weights_fn(weights_fn) -> optax.GradientTransformationExtraArgs:
   and the others are rescaled to keep ``sum_i |w_i|`` (the mean over the kept tasks, for ``mean``).
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, *, task_mask=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
@@ -133,7 +129,7 @@ def from_weights_fn(weights_fn) -> optax.GradientTransformationExtraArgs:
       weights = renormalize_masked(weights, task_mask)
     return weighted_sum(updates, weights), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def normalized_gramian(updates: PyTree) -> jax.Array:
@@ -213,16 +209,12 @@ def from_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
   keyword arguments of ``update`` are accepted and ignored.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
     return weighted_sum(updates, weighting(normalized_gramian(updates))), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
@@ -240,10 +232,6 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
   arguments are ignored.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, *, task_mask=None, **extra_args):
     del params, extra_args
     num_tasks(updates)
@@ -257,7 +245,7 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
     weights = weighting(gramian(scaled), scales, task_mask)
     return cast_like(weighted_sum(scaled, weights), updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def preference_vector(pref_vector, t: int, what: str) -> jax.Array:

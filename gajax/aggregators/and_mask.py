@@ -52,10 +52,6 @@ def and_mask(threshold: float = 1.0) -> optax.GradientTransformationExtraArgs:
   if not 0.0 <= threshold <= 1.0:
     raise ValueError(f"and_mask: threshold must be in [0, 1], got {threshold}.")
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     t = _base.num_tasks(updates)
@@ -66,4 +62,4 @@ def and_mask(threshold: float = 1.0) -> optax.GradientTransformationExtraArgs:
 
     return jax.tree_util.tree_map(one, updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)

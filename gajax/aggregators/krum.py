@@ -70,14 +70,10 @@ def krum(num_byzantine: int = 0, num_selected: int = 1) -> optax.GradientTransfo
   if num_selected < 1:
     raise ValueError(f"krum: num_selected must be >= 1, got {num_selected}.")
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _check(_base.num_tasks(updates), num_byzantine, num_selected, "krum")
     weights = krum_weights(_base.normalized_gramian(updates), num_byzantine, num_selected)
     return _base.weighted_sum(updates, weights), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)

@@ -106,10 +106,6 @@ def nash_mtl(num_iters: int = 20, max_norm: float | None = 1.0) -> optax.Gradien
   if num_iters < 1:
     raise ValueError(f"nash_mtl: num_iters must be >= 1, got {num_iters}.")
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _base.num_tasks(updates)
@@ -119,4 +115,4 @@ def nash_mtl(num_iters: int = 20, max_norm: float | None = 1.0) -> optax.Gradien
     weights = nash_mtl_weights(_base.normalized_gramian(updates), num_iters=num_iters, max_norm=limit)
     return _base.weighted_sum(updates, weights), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)

@@ -42,10 +42,6 @@ def trimmed_mean(trim: int) -> optax.GradientTransformationExtraArgs:
     raise ValueError(f"trimmed_mean: trim must be a non-negative integer, got {trim!r}.")
   trim = int(trim)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     t = _base.num_tasks(updates)
@@ -55,4 +51,4 @@ def trimmed_mean(trim: int) -> optax.GradientTransformationExtraArgs:
           f"needs T > 2 * trim = {2 * trim}.")
     return jax.tree_util.tree_map(lambda leaf: trimmed_mean_leaf(leaf, trim), updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
