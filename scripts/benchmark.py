@@ -51,7 +51,7 @@ from gajax.tasks import sinusoid
 # pylint: enable=wrong-import-position
 
 SUITES = ("aggregators", "meta_step", "flops", "peers")
-flags.DEFINE_enum("suite", "all", SUITES + ("all",), "Which suite to run.")
+flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
 flags.DEFINE_integer("repeats", 7, "Timed samples per measurement (the big Conv-4 configs use fewer, "
@@ -68,6 +68,10 @@ flags.DEFINE_list("aggregators", None, "Aggregators for the aggregators suite (d
 flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values for the peers suite. "
                   "2 matches XLA's pool on a 2-core machine; 1 is there because on a loaded machine "
                   "PyTorch's OpenMP barriers make 2 threads up to ~35x slower than 1.")
+flags.DEFINE_list("configs", None, "Only these meta-step workloads (meta_step, flops, peers), e.g. "
+                  "sinusoid,omni5w_stride,omni20w_stride (default: each suite's own choice).")
+flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch baseline in the peers suite: cpu or "
+                    "cuda (then each torch step ends with torch.cuda.synchronize()).")
 FLAGS = flags.FLAGS
 
 BLOCK = 10  # Steps per lax.scan block in the jit-per-step comparison.
@@ -226,6 +230,13 @@ def meta_configs():
   return configs
 
 
+def selected(configs):
+  """``configs`` narrowed to ``--configs`` when given."""
+  if FLAGS.configs is None:
+    return configs
+  return [c for c in configs if c.name in FLAGS.configs]
+
+
 def omniglot_like(cfg):
   """``(sample, loss_fn, init_params)`` for Conv-4 on random 28x28x1 images with class-major labels.
 
@@ -341,6 +352,16 @@ def jit_vs_scan(cfg):
   return timed(contenders)
 
 
+def per_call(timing, calls):
+  """``timing`` of a program that makes ``calls`` meta-steps, as a time per meta-step."""
+  return benchmarking.Timing(*(x / calls for x in timing[:3]), tuple(x / calls for x in timing.samples))
+
+
+def trains_with_scan(cfg):
+  """Whether ``scripts/train.py`` runs this workload as ``lax.scan`` blocks (gajax.train.uses_host_loops)."""
+  return cfg.task == "sinusoid" or jax.default_backend() != "cpu"
+
+
 ALL_PAIRS = tuple((a, g) for a in ("maml", "fomaml", "reptile") for g in ("mean", "gradient_agreement"))
 
 
@@ -360,7 +381,7 @@ def meta_step_plan():
     plan = [(configs["sinusoid"], ALL_PAIRS, True), (configs["omni5w_stride"], ALL_PAIRS, True),
             (configs["omni5w_pool"], ALL_PAIRS, True), (configs["omni20w_stride"], ALL_PAIRS, False),
             (configs["omni20w_pool"], ALL_PAIRS[:2], False)]
-  return plan
+  return [(cfg, pairs, dispatch) for cfg, pairs, dispatch in plan if selected([cfg])]
 
 
 def suite_meta_step(rows):
@@ -388,8 +409,7 @@ def suite_meta_step(rows):
     log(f"meta_step: {cfg.describe()}: one jit per step vs lax.scan blocks of {BLOCK}")
     timings = jit_vs_scan(cfg)
     for name, timing in timings.items():
-      per_step = benchmarking.Timing(*(x / BLOCK for x in timing[:3]),
-                                     tuple(x / BLOCK for x in timing.samples))
+      per_step = per_call(timing, BLOCK)
       extra = {"baseline": "scan", **benchmarking.paired_ratio(timing, timings["scan"])}
       rows.append(row("meta_step", f"{cfg.name} maml+mean {name} (per step, blocks of {BLOCK})",
                       per_step, workload=cfg.describe(), its_per_s=1.0 / per_step.median, **extra))
@@ -409,7 +429,7 @@ def suite_flops(rows):
   names = ["sinusoid"] if FLAGS.quick else ["sinusoid", "omni5w_stride"]
   if FLAGS.big:
     names += ["omni5w_pool", "omni20w_stride"]
-  configs = [c for c in meta_configs() if c.name in names]
+  configs = selected([c for c in meta_configs() if c.name in names])
   contenders = {"peak": (matmul, (a, b))}
   flops = {"peak": peak_flops}
   for cfg in configs:
@@ -437,8 +457,8 @@ def suite_flops(rows):
 
 def peer_configs():
   configs = meta_configs()
-  if FLAGS.quick:
-    return configs
+  if FLAGS.quick or FLAGS.configs:
+    return selected(configs)
   return [c for c in configs if c.name in ("sinusoid", "omni5w_stride", "omni5w_pool")]
 
 
@@ -454,13 +474,19 @@ def torch_maml(torch, cfg, vectorised, threads):
   call first sets ``torch.set_num_threads(threads)``.
   """
   F = torch.nn.functional
-  gen = torch.Generator().manual_seed(0)
+  dev = torch.device(FLAGS.torch_device)
+  gen = torch.Generator(device=dev).manual_seed(0)
+  on = {"device": dev}
+
+  def sync():
+    if dev.type == "cuda":
+      torch.cuda.synchronize()
 
   if cfg.task == "sinusoid":
     sizes = [(1, cfg.hidden), (cfg.hidden, cfg.hidden), (cfg.hidden, 1)]
     params = []
     for fan_in, fan_out in sizes:
-      params += [torch.randn(fan_in, fan_out, generator=gen) / fan_in ** 0.5, torch.zeros(fan_out)]
+      params += [torch.randn(fan_in, fan_out, generator=gen, **on) / fan_in ** 0.5, torch.zeros(fan_out, **on)]
 
     def forward(p, x):
       h = torch.relu(x @ p[0] + p[1])
@@ -472,21 +498,21 @@ def torch_maml(torch, cfg, vectorised, threads):
 
     def sample():
       t = cfg.num_tasks
-      amp = torch.empty(t, 1, 1).uniform_(0.1, 5.0, generator=gen)
-      phase = torch.empty(t, 1, 1).uniform_(0.0, 2 * np.pi, generator=gen)
-      x = torch.empty(t, cfg.shots + cfg.queries, 1).uniform_(-5.0, 5.0, generator=gen)
+      amp = torch.empty(t, 1, 1, **on).uniform_(0.1, 5.0, generator=gen)
+      phase = torch.empty(t, 1, 1, **on).uniform_(0.0, 2 * np.pi, generator=gen)
+      x = torch.empty(t, cfg.shots + cfg.queries, 1, **on).uniform_(-5.0, 5.0, generator=gen)
       y = amp * torch.sin(x + phase)
       return x[:, :cfg.shots], y[:, :cfg.shots], x[:, cfg.shots:], y[:, cfg.shots:]
   else:
     stride = 2 if cfg.downsample == "stride" else 1
     params, channels, size = [], 1, cfg.image_size
     for _ in range(4):
-      params += [torch.randn(cfg.hidden, channels, 3, 3, generator=gen) / (9 * channels) ** 0.5,
-                 torch.zeros(cfg.hidden), torch.ones(cfg.hidden), torch.zeros(cfg.hidden)]
+      params += [torch.randn(cfg.hidden, channels, 3, 3, generator=gen, **on) / (9 * channels) ** 0.5,
+                 torch.zeros(cfg.hidden, **on), torch.ones(cfg.hidden, **on), torch.zeros(cfg.hidden, **on)]
       channels = cfg.hidden
       size = -(-size // 2) if stride == 2 else size // 2
-    params += [torch.randn(cfg.hidden * size * size, cfg.ways, generator=gen) * 0.01,
-               torch.zeros(cfg.ways)]
+    params += [torch.randn(cfg.hidden * size * size, cfg.ways, generator=gen, **on) * 0.01,
+               torch.zeros(cfg.ways, **on)]
 
     def forward(p, x):  # x: [N, 1, H, W] (NCHW, PyTorch's native layout).
       for i in range(4):
@@ -506,8 +532,8 @@ def torch_maml(torch, cfg, vectorised, threads):
 
     def draw(per_class):
       n = cfg.ways * per_class
-      x = torch.rand(cfg.num_tasks, n, 1, cfg.image_size, cfg.image_size, generator=gen)
-      y = torch.arange(cfg.ways).repeat_interleave(per_class).expand(cfg.num_tasks, n)
+      x = torch.rand(cfg.num_tasks, n, 1, cfg.image_size, cfg.image_size, generator=gen, **on)
+      y = torch.arange(cfg.ways, **on).repeat_interleave(per_class).expand(cfg.num_tasks, n)
       return x, y
 
     def sample():
@@ -528,6 +554,7 @@ def torch_maml(torch, cfg, vectorised, threads):
         fast = [w - lr * g for w, g in zip(fast, grads)]
       (loss_fn(fast, xq[i], yq[i]) / t).backward()
     opt.step()
+    sync()
 
   from torch.func import grad, vmap  # pylint: disable=import-outside-toplevel
 
@@ -546,6 +573,7 @@ def torch_maml(torch, cfg, vectorised, threads):
     for p, g in zip(params, meta_grads):
       p.grad = g.mean(0)
     opt.step()
+    sync()
 
   return vectorised_step if vectorised else looped
 
@@ -560,8 +588,11 @@ def suite_peers(rows):
   flavours = {"loop": (False, "Python loop over tasks, torch.autograd.grad(create_graph=True)"),
               "vmap": (True, "torch.func.vmap over tasks of nested torch.func.grad")}
   for cfg in peer_configs():
-    _, jitted, state = meta_step(cfg, "maml", "mean")
+    step, jitted, state = meta_step(cfg, "maml", "mean")
     contenders = {"jax": (jitted, (state,))}
+    if trains_with_scan(cfg):  # As scripts/train.py runs it: lax.scan blocks of steps.
+      block = jax.jit(meta.make_block(step, BLOCK))
+      contenders["jax_scan"] = (lambda s, block=block: block(s)[0], (state,))
     for threads in FLAGS.torch_threads:
       for flavour, (vectorised, _) in flavours.items():
         name = (flavour, threads)
@@ -577,14 +608,29 @@ def suite_peers(rows):
     log(f"peers: {cfg.describe()}: gajax vs PyTorch MAML (second order, Adam), interleaved")
     timings = timed(contenders)
     jax_timing = timings.pop("jax")
-    rows.append(row("peers", f"{cfg.name} maml gajax (vmap, jit)", jax_timing,
+    rows.append(row("peers", f"{cfg.name} maml gajax (vmap, jit per step)", jax_timing,
                     workload=cfg.describe(), its_per_s=1.0 / jax_timing.median))
+    scan_timing = timings.pop("jax_scan", None)
+    if scan_timing is not None:
+      scan_timing = per_call(scan_timing, BLOCK)
+      rows.append(row("peers", f"{cfg.name} maml gajax (vmap, scan blocks of {BLOCK}, per step)",
+                      scan_timing, workload=cfg.describe(), its_per_s=1.0 / scan_timing.median,
+                      baseline="gajax jit per step", **benchmarking.paired_ratio(scan_timing,
+                                                                                 jax_timing)))
     for (flavour, threads), timing in timings.items():
-      device = f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__}, {threads} thread(s)"
+      if FLAGS.torch_device == "cpu":
+        device = f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__}, {threads} thread(s)"
+      else:
+        device = (f"{FLAGS.torch_device}: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+                  if FLAGS.torch_device.startswith("cuda") else f"{FLAGS.torch_device}, torch "
+                  f"{torch.__version__}")
       rows.append(row("peers", f"{cfg.name} maml torch {flavour} {threads}t", timing, device=device,
                       workload=cfg.describe(), baseline="gajax", implementation=flavours[flavour][1],
                       torch_threads=threads, its_per_s=1.0 / timing.median,
                       **benchmarking.paired_ratio(timing, jax_timing)))
+      if scan_timing is not None:
+        rows[-1]["vs_scan"] = benchmarking.paired_ratio(timing, scan_timing)
+        rows[-1]["notes"] = f"{rows[-1]['vs_scan']['ratio']:.1f}x the gajax scan step"
   return skipped
 
 
@@ -605,6 +651,8 @@ def markdown(rows):
     notes = []
     if "its_per_s" in r:
       notes.append(f"{r['its_per_s']:.1f} it/s")
+    if "notes" in r:
+      notes.append(r["notes"])
     if "gflops_per_s" in r:
       notes.append(f"{r['flops'] / 1e9:.3g} GFLOP, {r['gflops_per_s']:.1f} GFLOP/s, "
                    f"{100 * r['fraction_of_peak']:.1f}% of peak")
@@ -627,29 +675,39 @@ def main(argv):
   if FLAGS.quick:
     FLAGS.repeats = min(FLAGS.repeats, 2)
     FLAGS.warmup = min(FLAGS.warmup, 1)
-  suites = SUITES if FLAGS.suite == "all" else (FLAGS.suite,)
+  suites = SUITES if "all" in FLAGS.suite else tuple(FLAGS.suite)
+  unknown = [s for s in suites if s not in SUITES]
+  if unknown:
+    sys.exit(f"error: unknown --suite {', '.join(unknown)}; choose from {', '.join(SUITES)} or all.")
+  known = {c.name for c in meta_configs()}
+  if FLAGS.configs and not set(FLAGS.configs) <= known:
+    sys.exit(f"error: unknown --configs {', '.join(sorted(set(FLAGS.configs) - known))}; choose from "
+             f"{', '.join(sorted(known))}.")
   runners = {"aggregators": suite_aggregators, "meta_step": suite_meta_step, "flops": suite_flops,
              "peers": suite_peers}
   log(f"device: {benchmarking.device_string()}; suites: {', '.join(suites)}"
       f"{' (quick)' if FLAGS.quick else ''}; repeats {FLAGS.repeats}, warmup {FLAGS.warmup}")
   rows, skipped = [], []
   start = time.perf_counter()
+  command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+  def save():  # After every suite, so an interrupted run keeps what it measured.
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump({"command": command, "device": benchmarking.device_string(), "quick": FLAGS.quick,
+                   "seconds": time.perf_counter() - start, "rows": rows, "skipped": skipped}, f,
+                  indent=1)
+    if FLAGS.markdown:
+      with open(FLAGS.markdown, "w") as f:
+        f.write(f"`{command}` on {benchmarking.device_string()}\n\n{markdown(rows)}\n")
+
   for suite in suites:
     suite_start = time.perf_counter()
     skipped += runners[suite](rows) or []
     log(f"{suite}: done in {time.perf_counter() - suite_start:.0f} s")
-  command = "python scripts/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  table = markdown(rows)
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump({"command": command, "device": benchmarking.device_string(), "quick": FLAGS.quick,
-                 "seconds": time.perf_counter() - start, "rows": rows, "skipped": skipped}, f,
-                indent=1)
-  if FLAGS.markdown:
-    with open(FLAGS.markdown, "w") as f:
-      f.write(f"`{command}` on {benchmarking.device_string()}\n\n{table}\n")
+    save()
   log(f"\ntotal {time.perf_counter() - start:.0f} s; `{command}`\n")
-  print(table)
+  print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, training tasks an
 flags.DEFINE_string("workdir", "runs/default", "Where metrics.jsonl, eval.json and checkpoints are "
                     "written; re-running with the same workdir resumes.")
 flags.DEFINE_integer("checkpoint_every", 1000, "Meta-steps between checkpoints.")
+flags.DEFINE_float("max_train_minutes", None, "Wall-clock budget for this call's training: checkpoint "
+                   "and evaluate where it runs out (eval.json says stopped_early); rerun to go on.")
 flags.DEFINE_bool("overwrite", False, "Discard a run already in --workdir instead of resuming it.")
 FLAGS = flags.FLAGS
 
@@ -73,7 +75,9 @@ def main(argv):
   print(f"config: {config}")
   try:
     train_and_evaluate(config, FLAGS.workdir, checkpoint_every=FLAGS.checkpoint_every,
-                       overwrite=FLAGS.overwrite)
+                       overwrite=FLAGS.overwrite,
+                       max_train_seconds=(None if FLAGS.max_train_minutes is None
+                                          else 60 * FLAGS.max_train_minutes))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The device checks for a lent GPU, as two prepared phases (see BUILD.md, "GPU"). Run from the repo root
+# on a machine whose python3 already has jax (CUDA), flax, optax, chex, orbax, torch:
+#
+#   bash scripts/gpu_checks.sh bench      # versions, a GPU test subset, benchmark suites (~4-5 min)
+#   bash scripts/gpu_checks.sh omniglot   # Omniglot 5/20-way 1-shot, mean vs agreement, time-boxed
+#
+# Results go to $OUT (default /tmp/gajax_gpu). The Omniglot phase reads the archive from
+# $GAJAX_DATA_DIR (default .gpu/omniglot.tar.gz) and its decoded cache from $GAJAX_CACHE_DIR
+# (default .gpu/cache): copy both there before carrying .gpu to the machine.
+# Knobs: BENCH_S (benchmark time limit, s), TRAIN_MIN (training minutes per run), QUICK=1 (tiny sizes:
+# checks this script on a CPU).
+set -u
+OUT=${OUT:-/tmp/gajax_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export GAJAX_DATA_DIR=${GAJAX_DATA_DIR:-$PWD/.gpu/omniglot.tar.gz}
+export GAJAX_CACHE_DIR=${GAJAX_CACHE_DIR:-$PWD/.gpu/cache}
+PY=${PY:-python3}
+QUICK=${QUICK:-0}
+quiet() { grep --line-buffered -v "^[IW][0-9]\{4\} "; }  # absl/orbax INFO and WARNING lines
+
+case "${1:-}" in
+bench)
+  { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+      || echo "no nvidia-smi"
+    $PY -c "import jax, flax, optax, chex, orbax.checkpoint, torch; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
+  } 2>&1 | tee "$OUT/env.txt"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gradient_agreement.py \
+    tests/test_algorithms.py tests/test_meta.py 2>&1 | tail -25 > "$OUT/tests.txt"
+  tail -3 "$OUT/tests.txt"
+  if [ "$QUICK" = 1 ]; then
+    args=(--quick --torch_device=cpu)
+  else
+    args=(--big --configs=sinusoid,omni5w_stride,omni20w_stride --torch_device=cuda --repeats=5)
+  fi
+  timeout "${BENCH_S:-270}" $PY scripts/benchmark.py --suite=meta_step,flops,peers "${args[@]}" \
+    --torch_threads=1 --json="$OUT/bench_gpu.json" --markdown="$OUT/bench_gpu.md" 2>&1 \
+    | quiet | tee "$OUT/bench_log.txt"
+  ;;
+omniglot)
+  # MAML's settings (README): 5-way 1-shot meta-batch 32, 1 inner step at 0.4 (3 at test); 20-way
+  # 1-shot meta-batch 16, 5 inner steps at 0.1. All four runs share the GPU, each for TRAIN_MIN
+  # minutes of training, then 600 unseen test tasks.
+  minutes=${TRAIN_MIN:-6}
+  common=(--task=omniglot --queries=1 --shots=1 --num_iterations=60000 --eval_tasks=600
+          --eval_every=2500 --max_train_minutes="$minutes" --overwrite)
+  if [ "$QUICK" = 1 ]; then
+    common+=(--eval_tasks=20 --eval_every=2 --log_every=2 --num_iterations=4)
+  fi
+  five=(--ways=5 --meta_batch_size=32 --inner_steps=1 --inner_lr=0.4 --eval_inner_steps=3)
+  twenty=(--ways=20 --meta_batch_size=16 --inner_steps=5 --inner_lr=0.1)
+  runs="$OUT/runs"
+  mkdir -p "$runs"
+  for agg in mean agreement; do
+    $PY scripts/train.py "${common[@]}" "${five[@]}" --aggregator=$agg --workdir="$runs/5w1s_$agg" \
+      > "$runs/5w1s_$agg.log" 2>&1 &
+    $PY scripts/train.py "${common[@]}" "${twenty[@]}" --aggregator=$agg \
+      --workdir="$runs/20w1s_$agg" > "$runs/20w1s_$agg.log" 2>&1 &
+  done
+  wait
+  for f in "$runs"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -4; \
+    grep "^step" "$f" | tail -1; done | tee "$OUT/omniglot_summary.txt"
+  # Metrics and results only (checkpoints stay behind): one archive, as few files come back.
+  (cd "$runs" && tar czf "$OUT/omniglot_runs.tar.gz" --exclude=checkpoints ./*) && rm -rf "$runs"
+  ;;
+*)
+  echo "usage: bash scripts/gpu_checks.sh bench|omniglot" >&2
+  exit 2
+  ;;
+esac
