@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from gajax import aggregators, algorithms, meta
 from gajax.checkpoint import Checkpointer
+from gajax.models import CONV_IMPLS, resolve_conv_impl
 from gajax.tasks import binary, sinusoid
 from gajax.tasks.base import Task
 
@@ -53,6 +54,7 @@ class TrainConfig:
   data_dir: str = ""  # omniglot only; "" means $GAJAX_DATA_DIR
   split: str = "maml"  # omniglot only
   conv_downsample: str = "stride"  # omniglot only
+  conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
   eval_tasks: int = 1000
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
@@ -81,6 +83,8 @@ class TrainConfig:
     need(self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}; got {self.split!r}.")
     need(self.conv_downsample in DOWNSAMPLES,
          f"--conv_downsample must be one of {', '.join(DOWNSAMPLES)}; got {self.conv_downsample!r}.")
+    need(self.conv_impl in CONV_IMPLS,
+         f"--conv_impl must be one of {', '.join(CONV_IMPLS)}; got {self.conv_impl!r}.")
     need(self.eval_queries is None or self.eval_queries >= 1,
          f"--eval_queries must be >= 1; got {self.eval_queries}.")
     need(self.task != "omniglot" or self.ways >= 2, f"--ways must be >= 2; got {self.ways}.")
@@ -126,7 +130,7 @@ def make_task(config: TrainConfig) -> Task:
     from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
     return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
                               data_dir=config.data_dir or None, split=config.split,
-                              downsample=config.conv_downsample)
+                              downsample=config.conv_downsample, conv=config.conv_impl)
   eval_queries = 100 if config.eval_queries is None else config.eval_queries
   make = {"sinusoid": sinusoid.make_task, "binary": binary.make_task}[config.task]
   return make(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
@@ -194,34 +198,35 @@ def make_experiment(config: TrainConfig) -> Experiment:
     mesh = meta.task_mesh(num_devices)
   step = meta.make_meta_step(learner, tx, task.sample, config.meta_batch_size, signal=config.signal,
                              mesh=mesh)
-  evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks, scan=not uses_host_loops(task))
+  evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks, scan=not uses_host_loops(config))
   return Experiment(config, task, init, step, evaluate, place)
 
 
-def uses_host_loops(task: Task) -> bool:
+def uses_host_loops(config: TrainConfig) -> bool:
   """Whether to loop over jitted steps on the host instead of one ``lax.scan`` (see meta.make_block).
 
-  Only for convolutional tasks on XLA's CPU backend, which runs convolutions inside a ``while`` loop
-  several times slower than at the top level of a program. On GPU the scan wins: it removes a host
-  round trip per meta-step, which dominates a millisecond-scale Conv-4 step.
+  Only for Conv-4 with library convolutions (``--conv_impl=xla``) on XLA's CPU backend, which runs
+  convolutions inside a ``while`` loop several times slower than at the top level of a program. The
+  CPU default (``matmul``) has no convolutions and runs as fast in a scan; on GPU the scan wins too.
   """
-  return task.name == "omniglot" and jax.default_backend() == "cpu"
+  return (config.task == "omniglot" and jax.default_backend() == "cpu"
+          and resolve_conv_impl(config.conv_impl) == "xla")
 
 
-def make_jit(task: Task, fn: Callable) -> Callable:
+def make_jit(config: TrainConfig, fn: Callable) -> Callable:
   """``jax.jit(fn)``, unless ``fn`` already is a host loop over jitted pieces."""
-  return fn if uses_host_loops(task) else jax.jit(fn)
+  return fn if uses_host_loops(config) else jax.jit(fn)
 
 
 def make_block(exp: Experiment, count: int, *, vmap_seeds: bool = False) -> Callable:
   """A compiled block of ``count`` meta-steps ``(state, data) -> (state, metrics)``.
 
-  Generated tasks (small MLPs) run as one ``lax.scan``; Omniglot's Conv-4 runs a host loop over a
-  jitted step (see :func:`gajax.meta.make_block`). ``vmap_seeds`` batches the step over a leading
+  One ``lax.scan``, except where :func:`uses_host_loops` says a host loop over a jitted step is
+  faster (see :func:`gajax.meta.make_block`). ``vmap_seeds`` batches the step over a leading
   seed axis of the state.
   """
   step = jax.vmap(exp.step, in_axes=(0, None)) if vmap_seeds else exp.step
-  if uses_host_loops(exp.task):
+  if uses_host_loops(exp.config):
     return meta.make_block(step, count, scan=False)
   return jax.jit(meta.make_block(step, count))
 
@@ -247,7 +252,7 @@ def _to_host(tree):
 
 # Settings that may change when a run is resumed: they do not change what the meta-steps compute.
 RESUMABLE_CHANGES = ("num_iterations", "eval_tasks", "eval_every", "eval_queries", "eval_inner_steps",
-                     "log_every", "data_dir", "num_devices")
+                     "log_every", "data_dir", "num_devices", "conv_impl")
 
 
 def prepare_workdir(config: TrainConfig, workdir: str, overwrite: bool = False) -> None:
@@ -312,7 +317,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
   prepare_workdir(config, workdir, overwrite)
   train_key, eval_key = seed_keys(config.seed)
   blocks = {}  # block length -> jitted block of meta-steps
-  evaluate = make_jit(exp.task, exp.evaluate)
+  evaluate = make_jit(exp.config, exp.evaluate)
   state = exp.init(train_key)
   checkpointer = Checkpointer(workdir)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -408,7 +413,7 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
     print_fn(f"  step {done:>7d}/{config.num_iterations}  query_loss per seed "
              f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s",
              flush=True)
-  if uses_host_loops(exp.task):
+  if uses_host_loops(exp.config):
     values = jnp.stack([exp.evaluate(jax.tree_util.tree_map(lambda x: x[i], state.params), k,
                                      exp.task.eval_data) for i, k in enumerate(eval_keys)])
   else:

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from gajax import aggregators, algorithms, benchmarking, meta
-from gajax.models import Conv4
+from gajax.models import Conv4, resolve_conv_impl
 from gajax.tasks import sinusoid
 # pylint: enable=wrong-import-position
 
@@ -204,13 +204,14 @@ class MetaConfig:
   downsample: str = "stride"
   hidden: int = 64  # MLP width (sinusoid) or Conv-4 filters (omniglot).
   image_size: int = 28
+  conv: str = "auto"  # Conv-4's implementation (gajax.models.Conv4.conv).
 
   def describe(self):
     if self.task == "sinusoid":
       return (f"sinusoid MLP 1-{self.hidden}-{self.hidden}-1, {self.shots}+{self.queries} pts, "
               f"{self.num_tasks} tasks, {self.inner_steps} steps")
-    return (f"Conv-4/{self.downsample} {self.ways}-way {self.shots}-shot, {self.num_tasks} tasks, "
-            f"{self.inner_steps} steps")
+    return (f"Conv-4/{self.downsample} ({resolve_conv_impl(self.conv)}) {self.ways}-way "
+            f"{self.shots}-shot, {self.num_tasks} tasks, {self.inner_steps} steps")
 
 
 def meta_configs():
@@ -243,7 +244,7 @@ def omniglot_like(cfg):
   The images are random (no dataset needed), drawn on the device inside the meta-step as the real
   Omniglot sampler does; the cost of a meta-step does not depend on pixel values.
   """
-  model = Conv4(num_classes=cfg.ways, filters=cfg.hidden, downsample=cfg.downsample)
+  model = Conv4(num_classes=cfg.ways, filters=cfg.hidden, downsample=cfg.downsample, conv=cfg.conv)
   size = cfg.image_size
 
   def draw(key, num_tasks, per_class):
@@ -338,6 +339,15 @@ def loop_vs_vmap(cfg):
   return timed(contenders)
 
 
+def conv_impls(cfg):
+  """MAML+mean meta-steps of a Conv-4 workload with each convolution implementation, interleaved."""
+  contenders = {}
+  for conv in ("matmul", "xla"):
+    _, jitted, state = meta_step(dataclasses.replace(cfg, conv=conv), "maml", "mean")
+    contenders[conv] = (jitted, (state,))
+  return timed(contenders)
+
+
 def jit_vs_scan(cfg):
   """``BLOCK`` meta-steps: ``BLOCK`` calls of the jitted step vs one jitted ``lax.scan`` block."""
   step, jitted, state = meta_step(cfg, "maml", "mean")
@@ -359,7 +369,8 @@ def per_call(timing, calls):
 
 def trains_with_scan(cfg):
   """Whether ``scripts/train.py`` runs this workload as ``lax.scan`` blocks (gajax.train.uses_host_loops)."""
-  return cfg.task == "sinusoid" or jax.default_backend() != "cpu"
+  return (cfg.task == "sinusoid" or jax.default_backend() != "cpu"
+          or resolve_conv_impl(cfg.conv) != "xla")
 
 
 ALL_PAIRS = tuple((a, g) for a in ("maml", "fomaml", "reptile") for g in ("mean", "gradient_agreement"))
@@ -398,6 +409,13 @@ def suite_meta_step(rows):
                       its_per_s=1.0 / timing.median, **extra))
     if not dispatch:
       continue
+    if cfg.task != "sinusoid":
+      log(f"meta_step: {cfg.describe()}: Conv-4 as patch matrix products vs XLA convolutions (MAML)")
+      timings = conv_impls(cfg)
+      for name, timing in timings.items():
+        extra = {"baseline": "matmul", **benchmarking.paired_ratio(timing, timings["matmul"])}
+        rows.append(row("meta_step", f"{cfg.name} maml+mean conv={name}", timing,
+                        workload=cfg.describe(), its_per_s=1.0 / timing.median, **extra))
     log(f"meta_step: {cfg.describe()}: vmap vs Python loop over tasks (MAML)")
     timings = loop_vs_vmap(cfg)
     for name, timing in timings.items():

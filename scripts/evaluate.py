@@ -49,7 +49,7 @@ def main(argv):
     state, _ = checkpointer.restore(exp.init(seed_keys(config.seed)[0]), FLAGS.step)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  values = make_jit(exp.task, exp.evaluate)(state.params, seed_keys(config.seed)[1],
+  values = make_jit(exp.config, exp.evaluate)(state.params, seed_keys(config.seed)[1],
                                             exp.task.eval_data)
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
