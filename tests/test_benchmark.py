@@ -46,9 +46,14 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   assert {"sinusoid maml per-task vmap", "sinusoid maml per-task loop"} <= configs
   flops = [r for r in rows if r["suite"] == "flops"]
   assert flops[0]["fraction_of_peak"] == 1.0 and all(r["flops"] > 0 for r in flops)
+  assert {"omni2w_stride maml+mean conv=matmul", "omni2w_stride maml+mean conv=xla"} <= configs
   if HAVE_TORCH:
-    peers = [r for r in rows if r["suite"] == "peers" and "ratio" in r]
-    assert peers and all(r["baseline"] == "gajax" and r["implementation"] for r in peers)
+    torch_rows = [r for r in rows if r["suite"] == "peers" and " torch " in r["config"]]
+    assert torch_rows and all(r["baseline"] == "gajax" and r["implementation"] and "ratio" in r
+                              for r in torch_rows)
+    # gajax as scripts/train.py runs it (scan blocks), with the torch rows' ratio to it.
+    assert "sinusoid maml gajax (vmap, scan blocks of 10, per step)" in configs
+    assert all(r["vs_scan"]["ratio"] > 0 for r in torch_rows if r["config"].startswith("sinusoid"))
   # The markdown table comes last on stdout, one line per row, and the same table is in --markdown.
   lines = result.stdout.strip().splitlines()
   table = lines[-(len(rows) + 2):]
@@ -68,6 +73,13 @@ def test_peers_without_torch_says_skipped_and_exits_0(tmp_path):
   data = json.loads(out.read_text())
   assert data["rows"] == []
   assert data["skipped"] == [{"suite": "peers", "reason": "torch not installed"}]
+
+
+def test_bad_suite_or_config_names_the_problem():
+  result = run_benchmark("--suite=meta_step,speed", "--quick")
+  assert result.returncode != 0 and "unknown --suite speed" in result.stderr
+  result = run_benchmark("--suite=meta_step", "--configs=omni7w", "--quick")
+  assert result.returncode != 0 and "unknown --configs omni7w" in result.stderr
 
 
 def test_xla_flops_counts_every_scan_iteration():
