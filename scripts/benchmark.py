@@ -395,6 +395,14 @@ def meta_step_plan():
   return [(cfg, pairs, dispatch) for cfg, pairs, dispatch in plan if selected([cfg])]
 
 
+def add_comparison(rows, cfg, timings, baseline, label):
+  """One meta_step row per contender of ``timings``, each with its ratio to ``timings[baseline]``."""
+  for name, timing in timings.items():
+    rows.append(row("meta_step", f"{cfg.name} {label.format(name)}", timing, workload=cfg.describe(),
+                    its_per_s=1.0 / timing.median, baseline=baseline,
+                    **benchmarking.paired_ratio(timing, timings[baseline])))
+
+
 def suite_meta_step(rows):
   for cfg, pairs, dispatch in meta_step_plan():
     log(f"meta_step: {cfg.describe()}: {len(pairs)} variants, interleaved")
@@ -411,17 +419,9 @@ def suite_meta_step(rows):
       continue
     if cfg.task != "sinusoid":
       log(f"meta_step: {cfg.describe()}: Conv-4 as patch matrix products vs XLA convolutions (MAML)")
-      timings = conv_impls(cfg)
-      for name, timing in timings.items():
-        extra = {"baseline": "matmul", **benchmarking.paired_ratio(timing, timings["matmul"])}
-        rows.append(row("meta_step", f"{cfg.name} maml+mean conv={name}", timing,
-                        workload=cfg.describe(), its_per_s=1.0 / timing.median, **extra))
+      add_comparison(rows, cfg, conv_impls(cfg), "matmul", "maml+mean conv={}")
     log(f"meta_step: {cfg.describe()}: vmap vs Python loop over tasks (MAML)")
-    timings = loop_vs_vmap(cfg)
-    for name, timing in timings.items():
-      extra = {"baseline": "vmap", **benchmarking.paired_ratio(timing, timings["vmap"])}
-      rows.append(row("meta_step", f"{cfg.name} maml per-task {name}", timing,
-                      workload=cfg.describe(), its_per_s=1.0 / timing.median, **extra))
+    add_comparison(rows, cfg, loop_vs_vmap(cfg), "vmap", "maml per-task {}")
     if cfg.task != "sinusoid" and not FLAGS.big:
       continue  # Ten multi-second Conv-4 steps per sample: only with --big.
     log(f"meta_step: {cfg.describe()}: one jit per step vs lax.scan blocks of {BLOCK}")
