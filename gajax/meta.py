@@ -138,7 +138,8 @@ def make_block(meta_step: Callable, block_size: int, *, scan: bool = True) -> Ca
   state every ``block_size`` steps (fastest for small models). With ``scan=False`` the block is a
   host loop over one jitted meta-step (the result is already compiled; do not jit it again). XLA's CPU
   backend runs convolutions inside a ``while`` loop several times slower than at the top level of a
-  program (measured on Conv-4: BUILD.md), so convolutional models use ``scan=False``.
+  program (measured on Conv-4: BUILD.md), so Conv-4 with XLA's convolutions on CPU uses
+  ``scan=False`` (see :func:`gajax.train.uses_host_loops`).
   """
   if scan:
     def block(state, data=None):

@@ -54,7 +54,7 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int
 
   Why: under ``jax.vmap`` over tasks, every task has its own adapted kernel, and XLA lowers a batched
   convolution to a grouped convolution, which its CPU backend runs several times slower than the
-  batched matrix product this becomes (Conv-4 MAML, 32 tasks: 4.5 s -> 0.5 s per meta-step on two
+  batched matrix product this becomes (Conv-4 MAML, 32 tasks: 3.9 s -> 0.52 s per meta-step on two
   cores; BUILD.md). The patches are ``kh * kw`` strided slices of the padded input, so the backward
   pass (and MAML's second-order pass) is slices, pads and matrix products only.
   """
@@ -121,7 +121,7 @@ class Conv4(nn.Module):
   ``conv`` picks how the convolutions and pooling are computed; the function and the parameters are the
   same either way: ``"xla"`` uses ``lax.conv_general_dilated`` and ``reduce_window`` max-pooling,
   ``"matmul"`` uses :func:`conv_as_matmul` and :func:`max_pool_2x2`, and ``"auto"`` (default) picks
-  ``"matmul"`` on CPU, where it is 9x faster for a vmapped MAML meta-step, and ``"xla"`` on GPU/TPU,
+  ``"matmul"`` on CPU, where it is 7.6x faster for a vmapped MAML meta-step, and ``"xla"`` on GPU/TPU,
   where the library convolutions were what we measured (BUILD.md).
   """
   num_classes: int
