@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from gajax.checkpoint import Checkpointer
 from gajax.train import TrainConfig, make_experiment, seed_keys
@@ -80,3 +81,31 @@ def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path):
                          env=env(), timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((tmp_path / "eval.json").read_text())["config"]["inner_lr"] == 0.3
+
+
+def test_time_budget_checkpoints_evaluates_and_resumes(tmp_path):
+  """--max_train_minutes stops after the first block past the budget, evaluates there, and a second
+  call goes on to num_iterations with every step logged once, as an uninterrupted run."""
+  from gajax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  workdir = str(tmp_path / "budget")
+  quiet = lambda *a, **k: None
+  stopped = train_and_evaluate(CONFIG, workdir, checkpoint_every=8, max_train_seconds=1e-9,
+                               print_fn=quiet)
+  # The budget runs out in the first block (log_every=4): checkpoint and evaluation at step 4.
+  assert stopped["stopped_early"] and stopped["steps"] == 4
+  assert Checkpointer(workdir).latest_step() == 4
+  finished = train_and_evaluate(CONFIG, workdir, checkpoint_every=8, print_fn=quiet)
+  assert not finished["stopped_early"] and finished["steps"] == CONFIG.num_iterations
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))
+           if "eval_mean" not in line]
+  assert steps == list(range(1, CONFIG.num_iterations + 1))
+  clean = train_and_evaluate(CONFIG, str(tmp_path / "clean"), checkpoint_every=8, print_fn=quiet)
+  assert finished["mean"] == clean["mean"]
+
+
+def test_time_budget_must_be_positive(tmp_path):
+  from gajax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
+    train_and_evaluate(CONFIG, str(tmp_path / "w"), max_train_seconds=0.0)
