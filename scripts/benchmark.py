@@ -48,6 +48,7 @@ import optax
 from gajax import aggregators, algorithms, benchmarking, meta
 from gajax.models import Conv4, resolve_conv_impl
 from gajax.tasks import sinusoid
+from gajax.train import TrainConfig, uses_host_loops
 # pylint: enable=wrong-import-position
 
 SUITES = ("aggregators", "meta_step", "flops", "peers")
@@ -368,9 +369,8 @@ def per_call(timing, calls):
 
 
 def trains_with_scan(cfg):
-  """Whether ``scripts/train.py`` runs this workload as ``lax.scan`` blocks (gajax.train.uses_host_loops)."""
-  return (cfg.task == "sinusoid" or jax.default_backend() != "cpu"
-          or resolve_conv_impl(cfg.conv) != "xla")
+  """Whether ``scripts/train.py`` runs this workload as ``lax.scan`` blocks (not a host loop)."""
+  return not uses_host_loops(TrainConfig(task=cfg.task, conv_impl=cfg.conv))
 
 
 ALL_PAIRS = tuple((a, g) for a in ("maml", "fomaml", "reptile") for g in ("mean", "gradient_agreement"))
@@ -636,12 +636,10 @@ def suite_peers(rows):
                       baseline="gajax jit per step", **benchmarking.paired_ratio(scan_timing,
                                                                                  jax_timing)))
     for (flavour, threads), timing in timings.items():
-      if FLAGS.torch_device == "cpu":
-        device = f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__}, {threads} thread(s)"
+      if FLAGS.torch_device.startswith("cuda"):
+        device = f"{FLAGS.torch_device}: {torch.cuda.get_device_name()}, torch {torch.__version__}"
       else:
-        device = (f"{FLAGS.torch_device}: {torch.cuda.get_device_name()}, torch {torch.__version__}"
-                  if FLAGS.torch_device.startswith("cuda") else f"{FLAGS.torch_device}, torch "
-                  f"{torch.__version__}")
+        device = f"cpu: {benchmarking.cpu_name()}, torch {torch.__version__}, {threads} thread(s)"
       rows.append(row("peers", f"{cfg.name} maml torch {flavour} {threads}t", timing, device=device,
                       workload=cfg.describe(), baseline="gajax", implementation=flavours[flavour][1],
                       torch_threads=threads, its_per_s=1.0 / timing.median,
@@ -690,6 +688,8 @@ def main(argv):
     assert all(n >= 1 for n in FLAGS.torch_threads)
   except (ValueError, AssertionError):
     sys.exit(f"error: --torch_threads must be integers >= 1; got {FLAGS.torch_threads}.")
+  if FLAGS.torch_device != "cpu" and not FLAGS.torch_device.startswith("cuda"):
+    sys.exit(f"error: --torch_device must be cpu or cuda[:N]; got {FLAGS.torch_device!r}.")
   if FLAGS.quick:
     FLAGS.repeats = min(FLAGS.repeats, 2)
     FLAGS.warmup = min(FLAGS.warmup, 1)
