@@ -14,6 +14,10 @@ Suites (``--suite``):
                call per step vs a ``lax.scan`` block of 10 steps.
   flops        achieved FLOP/s of MAML meta-steps (XLA cost analysis, scans unrolled for the count)
                against a float32 2048x2048 matrix product timed in the same run.
+  conv         Conv-4 MAML as ``scripts/train.py`` runs it (``lax.scan`` blocks of 10 steps, per step)
+               with each convolution implementation (``matmul``: patch matrix products; ``xla``:
+               library convolutions, grouped under ``vmap``) x mean / gradient agreement: which
+               implementation ``Conv4(conv="auto")`` should pick on this device.
   peers        the sinusoid and 5-way Conv-4 (stride-2 and max-pool) MAML configs written in plain
                PyTorch, as a Python loop over tasks and with torch.func.vmap, at each
                ``--torch_threads`` (optional: needs torch, see requirements-bench.txt; skipped with a
@@ -51,7 +55,7 @@ from gajax.tasks import sinusoid
 from gajax.train import TrainConfig, uses_host_loops
 # pylint: enable=wrong-import-position
 
-SUITES = ("aggregators", "meta_step", "flops", "peers")
+SUITES = ("aggregators", "meta_step", "conv", "flops", "peers")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
@@ -340,15 +344,6 @@ def loop_vs_vmap(cfg):
   return timed(contenders)
 
 
-def conv_impls(cfg):
-  """MAML+mean meta-steps of a Conv-4 workload with each convolution implementation, interleaved."""
-  contenders = {}
-  for conv in ("matmul", "xla"):
-    _, jitted, state = meta_step(dataclasses.replace(cfg, conv=conv), "maml", "mean")
-    contenders[conv] = (jitted, (state,))
-  return timed(contenders)
-
-
 def jit_vs_scan(cfg):
   """``BLOCK`` meta-steps: ``BLOCK`` calls of the jitted step vs one jitted ``lax.scan`` block."""
   step, jitted, state = meta_step(cfg, "maml", "mean")
@@ -417,9 +412,6 @@ def suite_meta_step(rows):
                       its_per_s=1.0 / timing.median, **extra))
     if not dispatch:
       continue
-    if cfg.task != "sinusoid":
-      log(f"meta_step: {cfg.describe()}: Conv-4 as patch matrix products vs XLA convolutions (MAML)")
-      add_comparison(rows, cfg, conv_impls(cfg), "matmul", "maml+mean conv={}")
     log(f"meta_step: {cfg.describe()}: vmap vs Python loop over tasks (MAML)")
     add_comparison(rows, cfg, loop_vs_vmap(cfg), "vmap", "maml per-task {}")
     if cfg.task != "sinusoid" and not FLAGS.big:
@@ -431,6 +423,46 @@ def suite_meta_step(rows):
       extra = {"baseline": "scan", **benchmarking.paired_ratio(timing, timings["scan"])}
       rows.append(row("meta_step", f"{cfg.name} maml+mean {name} (per step, blocks of {BLOCK})",
                       per_step, workload=cfg.describe(), its_per_s=1.0 / per_step.median, **extra))
+
+
+def conv_configs():
+  """Conv-4 workloads of the conv suite: the stride-2 nets (MAML's Omniglot architecture)."""
+  names = ("omni2w_stride",) if FLAGS.quick else ("omni5w_stride", "omni20w_stride")
+  return selected([c for c in meta_configs() if c.name in names])
+
+
+def suite_conv(rows):
+  for cfg in conv_configs():
+    log(f"conv: {cfg.describe()}: matmul vs XLA convolutions x mean vs agreement, scan blocks of "
+        f"{BLOCK}, interleaved")
+    contenders, blocks = {}, {}
+    for conv in ("matmul", "xla"):
+      for aggregator in ("mean", "gradient_agreement"):
+        step, _, state = meta_step(dataclasses.replace(cfg, conv=conv), "maml", aggregator)
+        block = jax.jit(meta.make_block(step, BLOCK))
+        contenders[(conv, aggregator)] = (lambda s, block=block: block(s)[0], (state,))
+        blocks[(conv, aggregator)] = (block, state)
+    timings = {name: per_call(t, BLOCK) for name, t in timed(contenders).items()}
+    # Same function? Both implementations from the same state and keys: the query losses of the
+    # block's steps should agree to float32 (or TF32, on GPUs) rounding.
+    losses = {k: np.asarray(block(state)[1]["query_loss"], np.float64)
+              for k, (block, state) in blocks.items()}
+    for (conv, aggregator), timing in timings.items():
+      # Mean rows against matmul+mean (the implementation's cost), agreement rows against the mean
+      # row of the same implementation (the aggregator's overhead).
+      baseline = ("matmul", "mean") if aggregator == "mean" else (conv, "mean")
+      rows.append(row("conv", f"{cfg.name} maml+{aggregator} conv={conv} (per step, blocks of "
+                      f"{BLOCK})", timing, workload=cfg.describe(), conv=conv, aggregator=aggregator,
+                      its_per_s=1.0 / timing.median, baseline="+".join(baseline),
+                      **benchmarking.paired_ratio(timing, timings[baseline])))
+      if conv != "matmul":
+        # Step 1 starts from the same parameters, so only rounding separates the two (float32;
+        # TF32 in both on recent NVIDIA GPUs); later steps add Adam's amplification of it.
+        rel = np.abs(losses[(conv, aggregator)] - losses[("matmul", aggregator)]) / np.abs(
+            losses[("matmul", aggregator)])
+        rows[-1]["rel_loss_diff_vs_matmul"] = {"step_1": float(rel[0]), "max": float(np.max(rel))}
+        rows[-1]["notes"] = (f"query loss vs matmul's: {rel[0]:.1e} at step 1, {np.max(rel):.1e} "
+                             f"at most over {BLOCK} steps")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -701,8 +733,8 @@ def main(argv):
   if FLAGS.configs and not set(FLAGS.configs) <= known:
     sys.exit(f"error: unknown --configs {', '.join(sorted(set(FLAGS.configs) - known))}; choose from "
              f"{', '.join(sorted(known))}.")
-  runners = {"aggregators": suite_aggregators, "meta_step": suite_meta_step, "flops": suite_flops,
-             "peers": suite_peers}
+  runners = {"aggregators": suite_aggregators, "meta_step": suite_meta_step, "conv": suite_conv,
+             "flops": suite_flops, "peers": suite_peers}
   log(f"device: {benchmarking.device_string()}; suites: {', '.join(suites)}"
       f"{' (quick)' if FLAGS.quick else ''}; repeats {FLAGS.repeats}, warmup {FLAGS.warmup}")
   rows, skipped = [], []

@@ -4,12 +4,14 @@
 #
 #   bash scripts/gpu_checks.sh bench      # versions, a GPU test subset, benchmark suites (~4-5 min)
 #   bash scripts/gpu_checks.sh omniglot   # Omniglot 5/20-way 1-shot, mean vs agreement, time-boxed
+#   bash scripts/gpu_checks.sh schedule   # conv matmul vs xla, then the 60k 5-way 1-shot schedule
+#                                         # with the faster one, as far as DEADLINE_S allows
 #
 # Results go to $OUT (default /tmp/gajax_gpu). The Omniglot phase reads the archive from
 # $GAJAX_DATA_DIR (default .gpu/omniglot.tar.gz) and its decoded cache from $GAJAX_CACHE_DIR
 # (default .gpu/cache): copy both there before carrying .gpu to the machine.
-# Knobs: BENCH_S (benchmark time limit, s), TRAIN_MIN (training minutes per run), QUICK=1 (tiny sizes:
-# checks this script on a CPU).
+# Knobs: BENCH_S (benchmark time limit, s), TRAIN_MIN (training minutes per run), DEADLINE_S (the
+# schedule phase's whole wall-clock budget, s), QUICK=1 (tiny sizes: checks this script on a CPU).
 set -u
 OUT=${OUT:-/tmp/gajax_gpu}
 mkdir -p "$OUT"
@@ -65,8 +67,66 @@ omniglot)
   # Metrics and results only (checkpoints stay behind): one archive, as few files come back.
   (cd "$runs" && tar czf "$OUT/omniglot_runs.tar.gz" --exclude=checkpoints ./*) && rm -rf "$runs"
   ;;
+schedule)
+  # One lease, one call: (1) Conv-4 5-way MAML per step with each conv implementation (the conv
+  # suite); (2) the 60k-step 5-way 1-shot schedule with the faster one: mean and agreement side by
+  # side if both fit before DEADLINE_S, else agreement alone if it fits, else both time-boxed (the
+  # checkpoints come back in the archive: carry them to resume); (3) the 20-way conv suite with
+  # what time is left.
+  t0=$(date +%s)
+  deadline=$((t0 + ${DEADLINE_S:-550}))
+  { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+      || echo "no nvidia-smi"
+    $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+  } 2>&1 | tee "$OUT/env.txt"
+  if [ "$QUICK" = 1 ]; then quick=(--quick); else quick=(--configs=omni5w_stride --repeats=5); fi
+  timeout "${BENCH_S:-150}" $PY scripts/benchmark.py --suite=conv "${quick[@]}" \
+    --json="$OUT/conv5w.json" 2>&1 | quiet | tail -8
+  # Plan from the measured per-step times (concurrent runs share the GPU; 1.7x is a guess from
+  # the H200 session, where 4 runs together each got ~40% of one alone).
+  read -r conv plan minutes <<<"$($PY - "$OUT/conv5w.json" $((deadline - $(date +%s))) "$QUICK" <<'PYEOF'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("aggregator") == "mean"]
+left, quick = float(sys.argv[2]) - 90, sys.argv[3] == "1"  # 90 s: final evaluations, archive.
+best = min(rows, key=lambda r: r["median_ms"]) if rows else {"conv": "xla", "median_ms": 12.0}
+steps = 4 if quick else 60000
+both, one = steps * best["median_ms"] * 1.7 / 1000 + 60, steps * best["median_ms"] / 1000 + 60
+plan = "both" if both <= left else "agreement" if one <= left else "both_timeboxed"
+print(best["conv"], plan, f"{max(left, 60) / 60:.2f}")
+PYEOF
+)"
+  echo "plan: conv=$conv, $plan, --max_train_minutes=$minutes" | tee "$OUT/plan.txt"
+  common=(--task=omniglot --queries=1 --shots=1 --ways=5 --meta_batch_size=32 --inner_steps=1
+          --inner_lr=0.4 --eval_inner_steps=3 --num_iterations=60000 --eval_tasks=600
+          --eval_every=5000 --conv_impl="$conv" --max_train_minutes="$minutes" --overwrite)
+  if [ "$QUICK" = 1 ]; then
+    common+=(--eval_tasks=20 --eval_every=2 --log_every=2 --num_iterations=4)
+  fi
+  runs="$OUT/runs"
+  mkdir -p "$runs"
+  aggs="mean agreement"
+  [ "$plan" = agreement ] && aggs=agreement
+  for agg in $aggs; do
+    $PY scripts/train.py "${common[@]}" --aggregator=$agg --workdir="$runs/5w1s_$agg" \
+      > "$runs/5w1s_$agg.log" 2>&1 &
+  done
+  wait
+  for f in "$runs"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -3; \
+    grep "^step" "$f" | tail -1; done | tee "$OUT/summary.txt"
+  # Back: eval.json, config, logs, the evaluation lines of metrics.jsonl, checkpoints (to resume
+  # elsewhere); the per-step metrics stay behind (60k lines a run: over the 16 MB a file may bring).
+  for d in "$runs"/*/; do grep '"eval_mean"' "$d/metrics.jsonl" > "$d/eval_curve.jsonl"; done
+  (cd "$runs" && tar czf "$OUT/runs.tar.gz" --exclude=metrics.jsonl ./*) && rm -rf "$runs"
+  left=$((deadline - $(date +%s)))
+  if [ "$QUICK" != 1 ] && [ "$left" -gt 100 ]; then
+    timeout $((left - 10)) $PY scripts/benchmark.py --suite=conv --configs=omni20w_stride \
+      --repeats=3 --json="$OUT/conv20w.json" 2>&1 | quiet | tail -6
+  fi
+  echo "schedule phase: $(( $(date +%s) - t0 )) s"
+  ;;
 *)
-  echo "usage: bash scripts/gpu_checks.sh bench|omniglot" >&2
+  echo "usage: bash scripts/gpu_checks.sh bench|omniglot|schedule" >&2
   exit 2
   ;;
 esac

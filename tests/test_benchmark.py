@@ -32,7 +32,7 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   data = json.loads(out.read_text())
   assert data["quick"] is True and data["device"].startswith("cpu")
   rows = data["rows"]
-  expected = {"aggregators", "meta_step", "flops"} | ({"peers"} if HAVE_TORCH else set())
+  expected = {"aggregators", "meta_step", "conv", "flops"} | ({"peers"} if HAVE_TORCH else set())
   assert {r["suite"] for r in rows} == expected
   for r in rows:
     assert ROW_KEYS <= set(r), r
@@ -46,7 +46,12 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   assert {"sinusoid maml per-task vmap", "sinusoid maml per-task loop"} <= configs
   flops = [r for r in rows if r["suite"] == "flops"]
   assert flops[0]["fraction_of_peak"] == 1.0 and all(r["flops"] > 0 for r in flops)
-  assert {"omni2w_stride maml+mean conv=matmul", "omni2w_stride maml+mean conv=xla"} <= configs
+  conv = {(r["conv"], r["aggregator"]): r for r in rows if r["suite"] == "conv"}
+  assert set(conv) == {(c, a) for c in ("matmul", "xla") for a in ("mean", "gradient_agreement")}
+  assert conv[("xla", "mean")]["baseline"] == "matmul+mean"
+  assert conv[("xla", "gradient_agreement")]["baseline"] == "xla+mean"
+  # The two implementations compute the same function: float32 rounding apart on a CPU.
+  assert all(r["rel_loss_diff_vs_matmul"]["max"] < 1e-4 for (c, _), r in conv.items() if c == "xla")
   if HAVE_TORCH:
     torch_rows = [r for r in rows if r["suite"] == "peers" and " torch " in r["config"]]
     assert torch_rows and all(r["baseline"] == "gajax" and r["implementation"] and "ratio" in r
