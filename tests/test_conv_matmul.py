@@ -89,7 +89,7 @@ def test_conv4_implementations_share_parameters_and_maml_meta_gradients(downsamp
 
 
 def test_conv_impl_auto_and_bad_names():
-  assert resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
+  assert resolve_conv_impl("auto") == "matmul"  # The fastest on every backend we measured.
   assert resolve_conv_impl("xla") == "xla"
   with pytest.raises(ValueError, match="conv must be one of auto, matmul, xla; got 'fft'"):
     resolve_conv_impl("fft")
