@@ -6,6 +6,7 @@
 #   bash scripts/gpu_checks.sh omniglot   # Omniglot 5/20-way 1-shot, mean vs agreement, time-boxed
 #   bash scripts/gpu_checks.sh schedule   # conv matmul vs xla, then the 60k 5-way 1-shot schedule
 #                                         # with the faster one, as far as DEADLINE_S allows
+#                                         # (SCHEDULE=20w1s for 20-way; carried runs resume)
 #
 # Results go to $OUT (default /tmp/gajax_gpu). The Omniglot phase reads the archive from
 # $GAJAX_DATA_DIR (default .gpu/omniglot.tar.gz) and its decoded cache from $GAJAX_CACHE_DIR
@@ -68,60 +69,93 @@ omniglot)
   (cd "$runs" && tar czf "$OUT/omniglot_runs.tar.gz" --exclude=checkpoints ./*) && rm -rf "$runs"
   ;;
 schedule)
-  # One lease, one call: (1) Conv-4 5-way MAML per step with each conv implementation (the conv
-  # suite); (2) the 60k-step 5-way 1-shot schedule with the faster one: mean and agreement side by
-  # side if both fit before DEADLINE_S, else agreement alone if it fits, else both time-boxed (the
-  # checkpoints come back in the archive: carry them to resume); (3) the 20-way conv suite with
-  # what time is left.
+  # One lease, one call, for SCHEDULE=5w1s (default) or 20w1s, MAML's settings, 60k steps:
+  # (1) the conv suite on that workload (matmul vs XLA convolutions); (2) the schedule with the
+  # faster one: mean and agreement side by side if both fit before DEADLINE_S, else agreement alone
+  # if it fits, else both time-boxed; (3) the conv suite on the other workload with the time left.
+  # Each run comes back as $OUT/run_<name>.tar.gz with its checkpoints (and, while unfinished, its
+  # metrics.jsonl): unpack it into .gpu/runs/ and carry .gpu, and the next call resumes it.
   t0=$(date +%s)
   deadline=$((t0 + ${DEADLINE_S:-550}))
+  schedule=${SCHEDULE:-5w1s}
+  case "$schedule" in
+    5w1s) shape=(--ways=5 --meta_batch_size=32 --inner_steps=1 --inner_lr=0.4 --eval_inner_steps=3)
+          cfg=omni5w_stride other=omni20w_stride ;;
+    20w1s) shape=(--ways=20 --meta_batch_size=16 --inner_steps=5 --inner_lr=0.1)
+           cfg=omni20w_stride other=omni5w_stride ;;
+    *) echo "SCHEDULE must be 5w1s or 20w1s; got $schedule" >&2; exit 2 ;;
+  esac
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
       || echo "no nvidia-smi"
     $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
-  } 2>&1 | tee "$OUT/env.txt"
-  if [ "$QUICK" = 1 ]; then quick=(--quick); else quick=(--configs=omni5w_stride --repeats=5); fi
+  } 2>&1 | tee "$OUT/summary.txt"
+  if [ "$QUICK" = 1 ]; then quick=(--quick); else quick=(--configs=$cfg --repeats=5); fi
   timeout "${BENCH_S:-150}" $PY scripts/benchmark.py --suite=conv "${quick[@]}" \
-    --json="$OUT/conv5w.json" 2>&1 | quiet | tail -8
-  # Plan from the measured per-step times (concurrent runs share the GPU; 1.7x is a guess from
-  # the H200 session, where 4 runs together each got ~40% of one alone).
-  read -r conv plan minutes <<<"$($PY - "$OUT/conv5w.json" $((deadline - $(date +%s))) "$QUICK" <<'PYEOF'
-import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("aggregator") == "mean"]
-left, quick = float(sys.argv[2]) - 90, sys.argv[3] == "1"  # 90 s: final evaluations, archive.
-best = min(rows, key=lambda r: r["median_ms"]) if rows else {"conv": "xla", "median_ms": 12.0}
-steps = 4 if quick else 60000
-both, one = steps * best["median_ms"] * 1.7 / 1000 + 60, steps * best["median_ms"] / 1000 + 60
+    --json="$OUT/conv_$cfg.json" 2>&1 | quiet | tail -8
+  steps=60000
+  [ "$QUICK" = 1 ] && steps=4
+  # Plan from the measured per-step times and the steps still to go (a carried run resumes).
+  # Concurrent runs share the GPU: 1.7x per run is a guess (two 5-way runs on an H100 got 0.38x
+  # of one alone each, by the conv suite; two 20-way runs 0.42x).
+  read -r conv plan minutes <<<"$($PY - "$OUT/conv_$cfg.json" $((deadline - $(date +%s))) $steps \
+      .gpu/runs/${schedule}_mean .gpu/runs/${schedule}_agreement <<'PYEOF'
+import json, os, sys
+try:  # A benchmark that failed or ran out of time leaves no rows: then matmul, time-boxed.
+  rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r.get("aggregator") == "mean"]
+except (OSError, ValueError, KeyError):
+  rows = []
+left, steps = float(sys.argv[2]) - 90, int(sys.argv[3])  # 90 s: final evaluations, archives.
+best = min(rows, key=lambda r: r["median_ms"]) if rows else {"conv": "matmul", "median_ms": 1e9}
+def done(run):
+  ckpt = os.path.join(run, "checkpoints")
+  return max([int(d) for d in os.listdir(ckpt) if d.isdigit()], default=0) if os.path.isdir(ckpt) else 0
+todo = [steps - done(run) for run in sys.argv[4:]]
+ms = best["median_ms"] / 1000
+both, one = max(todo) * ms * 1.7 + 60, todo[1] * ms + 60
 plan = "both" if both <= left else "agreement" if one <= left else "both_timeboxed"
 print(best["conv"], plan, f"{max(left, 60) / 60:.2f}")
 PYEOF
 )"
-  echo "plan: conv=$conv, $plan, --max_train_minutes=$minutes" | tee "$OUT/plan.txt"
-  common=(--task=omniglot --queries=1 --shots=1 --ways=5 --meta_batch_size=32 --inner_steps=1
-          --inner_lr=0.4 --eval_inner_steps=3 --num_iterations=60000 --eval_tasks=600
-          --eval_every=5000 --conv_impl="$conv" --max_train_minutes="$minutes" --overwrite)
+  echo "plan: conv=$conv, $plan, --max_train_minutes=$minutes" | tee -a "$OUT/summary.txt"
+  common=(--task=omniglot --queries=1 --shots=1 "${shape[@]}" --num_iterations=$steps
+          --eval_tasks=600 --eval_every=5000 --conv_impl="$conv" --max_train_minutes="$minutes")
   if [ "$QUICK" = 1 ]; then
-    common+=(--eval_tasks=20 --eval_every=2 --log_every=2 --num_iterations=4)
+    common+=(--eval_tasks=20 --eval_every=2 --log_every=2)
   fi
   runs="$OUT/runs"
   mkdir -p "$runs"
   aggs="mean agreement"
   [ "$plan" = agreement ] && aggs=agreement
   for agg in $aggs; do
-    $PY scripts/train.py "${common[@]}" --aggregator=$agg --workdir="$runs/5w1s_$agg" \
-      > "$runs/5w1s_$agg.log" 2>&1 &
+    name=${schedule}_$agg
+    fresh=(--overwrite)
+    if [ -d ".gpu/runs/$name" ]; then
+      cp -r ".gpu/runs/$name" "$runs/" && fresh=()
+      [ -f ".gpu/runs/$name.log" ] && cp ".gpu/runs/$name.log" "$runs/"
+    fi
+    $PY scripts/train.py "${common[@]}" "${fresh[@]}" --aggregator=$agg --workdir="$runs/$name" \
+      >> "$runs/$name.log" 2>&1 &
   done
   wait
   for f in "$runs"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -3; \
-    grep "^step" "$f" | tail -1; done | tee "$OUT/summary.txt"
-  # Back: eval.json, config, logs, the evaluation lines of metrics.jsonl, checkpoints (to resume
-  # elsewhere); the per-step metrics stay behind (60k lines a run: over the 16 MB a file may bring).
-  for d in "$runs"/*/; do grep '"eval_mean"' "$d/metrics.jsonl" > "$d/eval_curve.jsonl"; done
-  (cd "$runs" && tar czf "$OUT/runs.tar.gz" --exclude=metrics.jsonl ./*) && rm -rf "$runs"
+    grep "^step" "$f" | tail -1; done | tee -a "$OUT/summary.txt"
+  # One archive per run, with its checkpoints; a finished run leaves its per-step metrics behind
+  # if they would take the archive over the 16 MB a file may bring back (eval_curve.jsonl stays).
+  for d in "$runs"/*/; do
+    name=$(basename "$d")
+    grep '"eval_mean"' "$d/metrics.jsonl" > "$d/eval_curve.jsonl"
+    (cd "$runs" && tar czf "$OUT/run_$name.tar.gz" "$name" "$name.log")
+    if [ "$(stat -c %s "$OUT/run_$name.tar.gz")" -gt 15000000 ] && [ -f "$d/eval.json" ] \
+        && grep -q '"stopped_early": false' "$d/eval.json"; then
+      (cd "$runs" && tar czf "$OUT/run_$name.tar.gz" --exclude=metrics.jsonl "$name" "$name.log")
+    fi
+  done
+  rm -rf "$runs"
   left=$((deadline - $(date +%s)))
   if [ "$QUICK" != 1 ] && [ "$left" -gt 100 ]; then
-    timeout $((left - 10)) $PY scripts/benchmark.py --suite=conv --configs=omni20w_stride \
-      --repeats=3 --json="$OUT/conv20w.json" 2>&1 | quiet | tail -6
+    timeout $((left - 10)) $PY scripts/benchmark.py --suite=conv --configs=$other \
+      --repeats=3 --json="$OUT/conv_$other.json" 2>&1 | quiet | tail -6
   fi
   echo "schedule phase: $(( $(date +%s) - t0 )) s"
   ;;
