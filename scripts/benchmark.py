@@ -298,6 +298,14 @@ def meta_step(cfg, algorithm, aggregator):
   return step, jax.jit(step), state
 
 
+@functools.lru_cache(maxsize=None)
+def scan_block(cfg, algorithm, aggregator):
+  """``(block, state)``: ``BLOCK`` meta-steps as one jitted ``lax.scan``, as ``scripts/train.py`` runs
+  them; ``block(state) -> (state, metrics)``. Cached, so suites share one compiled block."""
+  step, _, state = meta_step(cfg, algorithm, aggregator)
+  return jax.jit(meta.make_block(step, BLOCK)), state
+
+
 def time_meta_steps(cfg, pairs):
   """Interleaved timings of ``(algorithm, aggregator)`` meta-steps of ``cfg``: ``pair -> Timing``."""
   contenders = {}
@@ -346,8 +354,8 @@ def loop_vs_vmap(cfg):
 
 def jit_vs_scan(cfg):
   """``BLOCK`` meta-steps: ``BLOCK`` calls of the jitted step vs one jitted ``lax.scan`` block."""
-  step, jitted, state = meta_step(cfg, "maml", "mean")
-  block = jax.jit(meta.make_block(step, BLOCK))
+  _, jitted, state = meta_step(cfg, "maml", "mean")
+  block, _ = scan_block(cfg, "maml", "mean")
 
   def per_step(state):
     for _ in range(BLOCK):
@@ -447,8 +455,7 @@ def suite_conv(rows):
     contenders, blocks = {}, {}
     for conv in ("matmul", "xla"):
       for aggregator in ("mean", "gradient_agreement"):
-        step, _, state = meta_step(dataclasses.replace(cfg, conv=conv), "maml", aggregator)
-        block = jax.jit(meta.make_block(step, BLOCK))
+        block, state = scan_block(dataclasses.replace(cfg, conv=conv), "maml", aggregator)
         contenders[(conv, aggregator)] = (lambda s, block=block: block(s)[0], (state,))
         blocks[(conv, aggregator)] = (block, state)
     timings = {name: per_call(t, BLOCK) for name, t in timed(contenders).items()}
@@ -647,10 +654,10 @@ def suite_peers(rows):
   flavours = {"loop": (False, "Python loop over tasks, torch.autograd.grad(create_graph=True)"),
               "vmap": (True, "torch.func.vmap over tasks of nested torch.func.grad")}
   for cfg in peer_configs():
-    step, jitted, state = meta_step(cfg, "maml", "mean")
+    _, jitted, state = meta_step(cfg, "maml", "mean")
     contenders = {"jax": (jitted, (state,))}
     if trains_with_scan(cfg):  # As scripts/train.py runs it: lax.scan blocks of steps.
-      block = jax.jit(meta.make_block(step, BLOCK))
+      block, _ = scan_block(cfg, "maml", "mean")
       contenders["jax_scan"] = (lambda s, block=block: block(s)[0], (state,))
     for threads in FLAGS.torch_threads:
       for flavour, (vectorised, _) in flavours.items():

@@ -22,6 +22,9 @@ export GAJAX_CACHE_DIR=${GAJAX_CACHE_DIR:-$PWD/.gpu/cache}
 PY=${PY:-python3}
 QUICK=${QUICK:-0}
 quiet() { grep --line-buffered -v "^[IW][0-9]\{4\} "; }  # absl/orbax INFO and WARNING lines
+# The end of each run's log in folder $1: its last messages and progress line.
+summarise() { for f in "$1"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -4
+                grep "^step" "$f" | tail -1; done; }
 
 case "${1:-}" in
 bench)
@@ -63,8 +66,7 @@ omniglot)
       --workdir="$runs/20w1s_$agg" > "$runs/20w1s_$agg.log" 2>&1 &
   done
   wait
-  for f in "$runs"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -4; \
-    grep "^step" "$f" | tail -1; done | tee "$OUT/omniglot_summary.txt"
+  summarise "$runs" | tee "$OUT/omniglot_summary.txt"
   # Metrics and results only (checkpoints stay behind): one archive, as few files come back.
   (cd "$runs" && tar czf "$OUT/omniglot_runs.tar.gz" --exclude=checkpoints ./*) && rm -rf "$runs"
   ;;
@@ -138,8 +140,7 @@ PYEOF
       >> "$runs/$name.log" 2>&1 &
   done
   wait
-  for f in "$runs"/*.log; do echo "== $f"; quiet < "$f" | grep -v "^step" | tail -3; \
-    grep "^step" "$f" | tail -1; done | tee -a "$OUT/summary.txt"
+  summarise "$runs" | tee -a "$OUT/summary.txt"
   # One archive per run, with its checkpoints; a finished run leaves its per-step metrics behind
   # if they would take the archive over the 16 MB a file may bring back (eval_curve.jsonl stays).
   for d in "$runs"/*/; do

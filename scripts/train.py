@@ -40,7 +40,8 @@ flags.DEFINE_string("split", _D.split, "Omniglot: 'maml' (1200 training characte
 flags.DEFINE_string("conv_downsample", _D.conv_downsample, "Omniglot Conv-4: 'stride' (stride-2 convs, "
                     "MAML on Omniglot) or 'pool' (max-pooling).")
 flags.DEFINE_string("conv_impl", _D.conv_impl, "Omniglot Conv-4: 'matmul' (patches x matrix), 'xla' "
-                    "(library convolutions) or 'auto' (= matmul, the fastest measured on CPU and GPU; BUILD.md).")
+                    "(library convolutions) or 'auto' (= matmul, the fastest measured on CPU and "
+                    "GPU; BUILD.md).")
 flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final evaluation.")
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")
