@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_TARBALL = ROOT.parent / "shared/data/omniglot/omniglot.tar.gz"
 
 
-def run_script(name, *args, timeout=300):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+def run_script(name, *args, timeout=300, **env_vars):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **env_vars)
   return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True,
                         text=True, timeout=timeout, env=env, cwd=ROOT)
 
@@ -42,6 +44,36 @@ def test_train_writes_metrics_and_eval(tmp_path):
   assert plotted.returncode == 0, plotted.stderr[-2000:]
   for name in ("curves.png", "weights.png"):
     assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_omniglot_train_and_evaluate(tmp_path):
+  """The Omniglot path end to end: real archive, Meta-SGD (the one with learned inner rates), agreement."""
+  if not REAL_TARBALL.is_file():
+    pytest.skip(f"real Omniglot archive not found at {REAL_TARBALL}")
+  cache = str(tmp_path / "cache")  # not the user's ~/.cache
+  run = tmp_path / "run"
+  result = run_script("train.py", "--task=omniglot", f"--data_dir={REAL_TARBALL}", "--ways=5",
+                      "--shots=1", "--queries=2", "--eval_queries=3", "--meta_batch_size=2",
+                      "--inner_steps=1", "--eval_inner_steps=2", "--algorithm=metasgd",
+                      "--aggregator=agreement", "--num_iterations=3", "--eval_every=2",
+                      "--eval_tasks=12", "--log_every=1", f"--workdir={run}", GAJAX_CACHE_DIR=cache)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "eval_mean" in r] == [2, 3]
+  assert all(np.isfinite(r["query_loss"]) and len(r["weights"]) == 2 for r in rows if "query_loss" in r)
+  result_json = json.loads((run / "eval.json").read_text())
+  assert result_json["metric"] == "accuracy" and result_json["num_tasks"] == 12
+  # 12 tasks x 5 classes x 3 queries: the accuracy is a multiple of 1/180 in [0, 1].
+  assert 0 <= result_json["mean"] <= 1
+  assert abs(result_json["mean"] * 180 - round(result_json["mean"] * 180)) < 1e-3
+  assert result_json["config"]["ways"] == 5 and result_json["config"]["eval_inner_steps"] == 2
+
+  # evaluate.py with the data path given again (as on another machine) reproduces the number.
+  again = run_script("evaluate.py", f"--workdir={run}", f"--data_dir={REAL_TARBALL}",
+                     f"--output={tmp_path / 'again.json'}", GAJAX_CACHE_DIR=cache)
+  assert again.returncode == 0, again.stderr[-2000:]
+  reevaluated = json.loads((tmp_path / "again.json").read_text())
+  assert (reevaluated["mean"], reevaluated["ci95"]) == (result_json["mean"], result_json["ci95"])
 
 
 def test_evaluate_rejects_a_folder_without_a_run(tmp_path):
