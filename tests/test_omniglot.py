@@ -26,7 +26,6 @@ from PIL import Image
 
 from gajax.tasks import omniglot
 
-REAL_TARBALL = Path(__file__).resolve().parents[1].parent / "shared/data/omniglot/omniglot.tar.gz"
 
 # Alphabet -> number of characters. Names are listed out of order on purpose.
 BACKGROUND = {"Beta_(b)": 3, "Alpha": 3}
@@ -538,11 +537,9 @@ def test_sampler_errors():
 # The real archive.
 
 
-def test_real_archive(tmp_path):
-  if not REAL_TARBALL.is_file():
-    pytest.skip(f"real Omniglot archive not found at {REAL_TARBALL}")
+def test_real_archive(tmp_path, real_tarball):
   t0 = time.perf_counter()
-  data = omniglot.load_omniglot(REAL_TARBALL, tmp_path / "cache")
+  data = omniglot.load_omniglot(real_tarball, tmp_path / "cache")
   first = time.perf_counter() - t0
   assert data.images.shape == (1623, 20, 28, 28) and data.images.dtype == np.uint8
   assert int(data.is_background.sum()) == 964
@@ -552,7 +549,7 @@ def test_real_archive(tmp_path):
   assert data.images.mean() < 255 * 0.25  # strokes are sparse: paper is 0
   # The first character against Pillow directly, from the archive's first members.
   first_char = {}
-  with tarfile.open(REAL_TARBALL, "r|gz") as tf:
+  with tarfile.open(real_tarball, "r|gz") as tf:
     for m in tf:
       if m.name.startswith("omniglot/images_background/Alphabet_of_the_Magi/character01/"):
         first_char[m.name] = _reference(tf.extractfile(m).read())
@@ -560,7 +557,7 @@ def test_real_archive(tmp_path):
         break
   np.testing.assert_array_equal(data.images[0], np.stack([first_char[k] for k in sorted(first_char)]))
   t0 = time.perf_counter()
-  again = omniglot.load_omniglot(REAL_TARBALL, tmp_path / "cache")
+  again = omniglot.load_omniglot(real_tarball, tmp_path / "cache")
   cached = time.perf_counter() - t0
   np.testing.assert_array_equal(again.images, data.images)
   assert cached < 5.0 and cached < first / 3, (first, cached)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_TARBALL = ROOT.parent / "shared/data/omniglot/omniglot.tar.gz"
 
 
 def run_script(name, *args, timeout=300, **env_vars):
@@ -46,13 +45,11 @@ def test_train_writes_metrics_and_eval(tmp_path):
     assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_omniglot_train_and_evaluate(tmp_path):
+def test_omniglot_train_and_evaluate(tmp_path, real_tarball):
   """The Omniglot path end to end: real archive, Meta-SGD (the one with learned inner rates), agreement."""
-  if not REAL_TARBALL.is_file():
-    pytest.skip(f"real Omniglot archive not found at {REAL_TARBALL}")
   cache = str(tmp_path / "cache")  # not the user's ~/.cache
   run = tmp_path / "run"
-  result = run_script("train.py", "--task=omniglot", f"--data_dir={REAL_TARBALL}", "--ways=5",
+  result = run_script("train.py", "--task=omniglot", f"--data_dir={real_tarball}", "--ways=5",
                       "--shots=1", "--queries=2", "--eval_queries=3", "--meta_batch_size=2",
                       "--inner_steps=1", "--eval_inner_steps=2", "--algorithm=metasgd",
                       "--aggregator=agreement", "--num_iterations=2", "--eval_every=1",
@@ -69,7 +66,7 @@ def test_omniglot_train_and_evaluate(tmp_path):
   assert result_json["config"]["ways"] == 5 and result_json["config"]["eval_inner_steps"] == 2
 
   # evaluate.py with the data path given again (as on another machine) reproduces the number.
-  again = run_script("evaluate.py", f"--workdir={run}", f"--data_dir={REAL_TARBALL}",
+  again = run_script("evaluate.py", f"--workdir={run}", f"--data_dir={real_tarball}",
                      f"--output={tmp_path / 'again.json'}", GAJAX_CACHE_DIR=cache)
   assert again.returncode == 0, again.stderr[-2000:]
   reevaluated = json.loads((tmp_path / "again.json").read_text())
