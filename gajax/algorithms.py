@@ -30,10 +30,14 @@ class TaskAux(NamedTuple):
       paper's ``g_i`` in Algorithm 1 of Eshratifar et al., 2018), shaped like the model parameters.
     support_loss: the support loss before adaptation (scalar).
     query_loss: the query loss after adaptation (scalar).
+    adapted_support_loss: the support loss after adaptation (scalar). Above ``support_loss``, the
+      inner loop made the task's own training loss worse: its step was past the stability limit
+      ``2 / lambda_max`` of the loss's curvature (see :mod:`gajax.diagnostics`).
   """
   displacement: PyTree
   support_loss: jax.Array
   query_loss: jax.Array
+  adapted_support_loss: jax.Array
 
 
 class MetaSGDParams(NamedTuple):
@@ -76,6 +80,11 @@ def _check(name, inner_steps, inner_lr=None):
     raise ValueError(f"{name}: inner_lr must be >= 0, got {inner_lr!r}.")
 
 
+def _adapted_loss(loss_fn, adapted, batch):
+  """A forward pass for logging only: no gradient flows through it."""
+  return jax.lax.stop_gradient(loss_fn(jax.lax.stop_gradient(adapted), batch))
+
+
 def _displacement(params, adapted):
   return jax.lax.stop_gradient(jax.tree_util.tree_map(jnp.subtract, params, adapted))
 
@@ -106,7 +115,8 @@ def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
 
     (q_loss, (adapted, losses)), grads = jax.value_and_grad(outer, has_aux=True)(params)
     s_loss = _support_loss(losses, loss_fn, params, support)
-    return grads, TaskAux(_displacement(params, adapted), s_loss, q_loss)
+    return grads, TaskAux(_displacement(params, adapted), s_loss, q_loss,
+                          _adapted_loss(loss_fn, adapted, support))
 
   return MetaLearner("fomaml" if first_order else "maml", update_fn, adapt_fn)
 
@@ -136,7 +146,7 @@ def reptile(loss_fn: LossFn, *, inner_steps: int, inner_lr: float) -> MetaLearne
                             first_order=True)
     disp = _displacement(params, adapted)
     q_loss = jax.lax.stop_gradient(loss_fn(adapted, query))
-    return disp, TaskAux(disp, losses[0], q_loss)
+    return disp, TaskAux(disp, losses[0], q_loss, _adapted_loss(loss_fn, adapted, support))
 
   return MetaLearner("reptile", update_fn, adapt_fn)
 
@@ -165,7 +175,8 @@ def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False
 
     (q_loss, (adapted, losses)), grads = jax.value_and_grad(outer, has_aux=True)(meta_params)
     s_loss = _support_loss(losses, loss_fn, meta_params.params, support)
-    return grads, TaskAux(_displacement(meta_params.params, adapted), s_loss, q_loss)
+    return grads, TaskAux(_displacement(meta_params.params, adapted), s_loss, q_loss,
+                          _adapted_loss(loss_fn, adapted, support))
 
   return MetaLearner("metasgd", update_fn, adapt_fn)
 

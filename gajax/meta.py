@@ -84,7 +84,10 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
 
   Returns:
     ``meta_step(state, data=None) -> (state, metrics)``, ``data`` handed to ``sample``; metrics are float32 scalars: ``support_loss`` (before
-    adaptation) and ``query_loss`` (after), averaged over tasks, ``update_norm``, and when the
+    adaptation), ``adapted_support_loss`` and ``query_loss`` (after), averaged over tasks,
+    ``inner_worse_fraction`` (the share of tasks whose inner loop *raised* their support loss: an
+    unstable inner step, e.g. from an initialisation whose curvature exceeds ``2 / inner_lr``),
+    ``update_norm``, and when the
     aggregator keeps them, ``weights`` (``[T]``), ``weight_min``, ``weight_max`` and
     ``weight_negative`` (count), and
     ``skipped_tasks`` (non-finite tasks dropped by :func:`gajax.aggregators.skip_nonfinite_tasks`;
@@ -117,6 +120,9 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
           (state.params, state.opt_state), (params, opt_state))
     metrics = {
         "support_loss": jnp.mean(aux.support_loss),
+        "adapted_support_loss": jnp.mean(aux.adapted_support_loss),
+        "inner_worse_fraction": jnp.mean(
+            (aux.adapted_support_loss > aux.support_loss).astype(jnp.float32)),
         "query_loss": jnp.mean(aux.query_loss),
         "update_norm": optax.tree_utils.tree_norm(step_updates),
     }

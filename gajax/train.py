@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from gajax import aggregators, algorithms, meta
 from gajax.checkpoint import Checkpointer
-from gajax.models import CONV_IMPLS, resolve_conv_impl
+from gajax.models import CONV_IMPLS, INITS, resolve_conv_impl
 from gajax.tasks import binary, sinusoid
 from gajax.tasks.base import Task
 
@@ -55,6 +55,7 @@ class TrainConfig:
   split: str = "maml"  # omniglot only
   conv_downsample: str = "stride"  # omniglot only
   conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
+  init: str = ""  # the model's initialisation (gajax.models.INITS); "": the task's default
   eval_tasks: int = 1000
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
@@ -85,6 +86,11 @@ class TrainConfig:
          f"--conv_downsample must be one of {', '.join(DOWNSAMPLES)}; got {self.conv_downsample!r}.")
     need(self.conv_impl in CONV_IMPLS,
          f"--conv_impl must be one of {', '.join(CONV_IMPLS)}; got {self.conv_impl!r}.")
+    need(self.init in INITS + ("",),
+         f"--init must be one of {', '.join(INITS)} (or empty for the task's default); "
+         f"got {self.init!r}.")
+    need(not (self.init and self.task == "binary"),
+         "--init applies to the sinusoid MLP and Omniglot's Conv-4, not to binary's logistic regression.")
     need(self.eval_queries is None or self.eval_queries >= 1,
          f"--eval_queries must be >= 1; got {self.eval_queries}.")
     need(self.task != "omniglot" or self.ways >= 2, f"--ways must be >= 2; got {self.ways}.")
@@ -126,14 +132,17 @@ def make_aggregator(name: str, num_tasks: int, seed: int = 0) -> optax.GradientT
 
 def make_task(config: TrainConfig) -> Task:
   """The task distribution of ``config`` (Omniglot is loaded, through its cache, here)."""
+  init = {"init": config.init} if config.init else {}
   if config.task == "omniglot":
     from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
     return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
                               data_dir=config.data_dir or None, split=config.split,
-                              downsample=config.conv_downsample, conv=config.conv_impl)
+                              downsample=config.conv_downsample, conv=config.conv_impl, **init)
   eval_queries = 100 if config.eval_queries is None else config.eval_queries
-  make = {"sinusoid": sinusoid.make_task, "binary": binary.make_task}[config.task]
-  return make(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
+  if config.task == "binary":
+    return binary.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
+  return sinusoid.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries,
+                            **init)
 
 
 def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -> algorithms.MetaLearner:
@@ -362,7 +371,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
       skipped = int(np.sum(metrics.get("skipped_tasks", 0)))
       print_fn(f"step {done:>7d}/{config.num_iterations}  support_loss "
                f"{np.mean(metrics['support_loss']):.4f}  query_loss "
-               f"{np.mean(metrics['query_loss']):.4f}  "
+               f"{np.mean(metrics['query_loss']):.4f}  inner loop worse "
+               f"{100 * np.mean(metrics['inner_worse_fraction']):.0f}%  "
                f"{(done - first) / (time.perf_counter() - start):.1f} it/s"
                + (f"  skipped {skipped} non-finite tasks" if skipped else ""), flush=True)
       if out_of_time and done < config.num_iterations:

@@ -3,8 +3,10 @@
     python scripts/plot.py --workdirs=runs/mean,runs/agreement --labels=mean,agreement --out=plots
 
 Writes <out>/curves.png (meta-test metric vs meta-step, one line per run, shaded 95% CI; needs runs
-trained with --eval_every) and <out>/weights.png (for runs that log agreement weights: the 5/25/50/75/95
-percentiles of the per-task weights over training, and the fraction of negative weights).
+trained with --eval_every), <out>/stability.png (training query loss and the share of tasks whose inner
+loop raised their support loss, binned over --smooth steps) and <out>/weights.png (for runs that log
+agreement weights: the 5/25/50/75/95 percentiles of the per-task weights over training, and the
+fraction of negative weights).
 """
 
 import json
@@ -33,12 +35,13 @@ def read_metrics(workdir):
     rows = [json.loads(line) for line in f if line.strip()]
   evals = [r for r in rows if "eval_mean" in r]
   weights = [(r["step"], r["weights"]) for r in rows if "weights" in r]
-  return evals, weights
+  train = [r for r in rows if "inner_worse_fraction" in r]
+  return evals, weights, train
 
 
 def plot_curves(runs, path):
   fig, ax = plt.subplots(figsize=(6, 4))
-  for label, evals, _ in runs:
+  for label, evals, *_ in runs:
     if not evals:
       continue
     steps = np.array([r["step"] for r in evals])
@@ -55,8 +58,34 @@ def plot_curves(runs, path):
   plt.close(fig)
 
 
+def _binned(steps, values, bin_size):
+  edges = np.array_split(np.arange(len(steps)), max(1, len(steps) // max(1, bin_size)))
+  return np.array([steps[e].mean() for e in edges]), np.array([values[e].mean() for e in edges])
+
+
+def plot_stability(runs, path, bin_size):
+  fig, (ax_loss, ax_worse) = plt.subplots(1, 2, figsize=(10, 3.6))
+  for label, _, _, train in runs:
+    if not train:
+      continue
+    steps = np.array([r["step"] for r in train])
+    for ax, key in ((ax_loss, "query_loss"), (ax_worse, "inner_worse_fraction")):
+      x, y = _binned(steps, np.array([r[key] for r in train]), bin_size)
+      ax.plot(x, 100 * y if key == "inner_worse_fraction" else y, label=label)
+  ax_loss.set_yscale("log")
+  ax_loss.set_title("training query loss (after adaptation)")
+  ax_worse.set_title("tasks whose inner loop raised the support loss (%)")
+  for ax in (ax_loss, ax_worse):
+    ax.set_xlabel("meta-step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_weights(runs, path, bin_size):
-  runs = [(label, w) for label, _, w in runs if w]
+  runs = [(label, w) for label, _, w, _ in runs if w]
   fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3 * len(runs)), squeeze=False)
   for (label, weights), (ax_w, ax_neg) in zip(runs, axes):
     steps = np.array([s for s, _ in weights])
@@ -96,10 +125,13 @@ def main(argv):
     sys.exit(f"error: {e}")
   os.makedirs(FLAGS.out, exist_ok=True)
   written = []
-  if any(evals for _, evals, _ in runs):
+  if any(evals for _, evals, _, _ in runs):
     plot_curves(runs, os.path.join(FLAGS.out, "curves.png"))
     written.append("curves.png")
-  if any(w for _, _, w in runs):
+  if any(train for *_, train in runs):
+    plot_stability(runs, os.path.join(FLAGS.out, "stability.png"), FLAGS.smooth)
+    written.append("stability.png")
+  if any(w for _, _, w, _ in runs):
     plot_weights(runs, os.path.join(FLAGS.out, "weights.png"), FLAGS.smooth)
     written.append("weights.png")
   if not written:

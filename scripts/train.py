@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gajax.train import TrainConfig, train_and_evaluate  # pylint: disable=wrong-import-position
 
 _D = TrainConfig()
-flags.DEFINE_string("task", _D.task, "Task distribution: sinusoid or binary.")
+flags.DEFINE_string("task", _D.task, "Task distribution: sinusoid, binary or omniglot.")
 flags.DEFINE_string("algorithm", _D.algorithm, "maml, fomaml, reptile or metasgd.")
 flags.DEFINE_string("aggregator", _D.aggregator, "How per-task updates are combined (mean, agreement, ...).")
 flags.DEFINE_string("signal", _D.signal, "Agreement weights from the updates themselves ('self') or from "
@@ -42,6 +42,9 @@ flags.DEFINE_string("conv_downsample", _D.conv_downsample, "Omniglot Conv-4: 'st
 flags.DEFINE_string("conv_impl", _D.conv_impl, "Omniglot Conv-4: 'matmul' (patches x matrix), 'xla' "
                     "(library convolutions) or 'auto' (= matmul, the fastest measured on CPU and "
                     "GPU; BUILD.md).")
+flags.DEFINE_string("init", _D.init, "Model initialisation: flax (Flax's defaults), torch (PyTorch's "
+                    "defaults) or maml (MAML's reference code); empty: the task's default (sinusoid: "
+                    "torch, omniglot: flax; README, 'Initialisation').")
 flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final evaluation.")
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")

@@ -32,6 +32,7 @@ def test_train_writes_metrics_and_eval(tmp_path):
   assert result_json["ci95"] > 0 and result_json["mean"] > 0
   assert result_json["config"]["meta_batch_size"] == 4 and result_json["steps"] == 7
   assert all(len(r["weights"]) == 4 for r in train_rows)
+  assert all(0 <= r["inner_worse_fraction"] <= 1 and r["adapted_support_loss"] > 0 for r in train_rows)
 
   # evaluate.py restores the final checkpoint and reproduces eval.json exactly.
   again = run_script("evaluate.py", f"--workdir={tmp_path}", f"--output={tmp_path / 'again.json'}")
@@ -41,7 +42,7 @@ def test_train_writes_metrics_and_eval(tmp_path):
 
   plotted = run_script("plot.py", f"--workdirs={tmp_path}", f"--out={tmp_path / 'plots'}")
   assert plotted.returncode == 0, plotted.stderr[-2000:]
-  for name in ("curves.png", "weights.png"):
+  for name in ("curves.png", "weights.png", "stability.png"):
     assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -84,9 +85,23 @@ def test_evaluate_rejects_a_folder_without_a_run(tmp_path):
     ("--algorithm=foo", "--algorithm must be one of"),
     ("--aggregator=nope", "--aggregator must be one of"),
     ("--task=imagenet", "--task must be one of"),
+    ("--init=kaiming", "--init must be one of flax, torch, maml"),
 ])
 def test_train_rejects_bad_flags_with_one_line(flag, message, tmp_path):
   result = run_script("train.py", flag, f"--workdir={tmp_path}")
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert message in last and "Traceback" not in result.stderr
+
+
+def test_diagnose_init_reports_each_scheme(tmp_path):
+  out = tmp_path / "diag.json"
+  result = run_script("diagnose_init.py", "--inits=flax,torch", "--seeds=1", "--meta_batch_size=3",
+                      "--power_iters=3", f"--json={out}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["init"] for r in rows] == ["flax", "torch"] and all(r["tasks"] == 3 for r in rows)
+  assert all(0 <= r["share_inner_loop_worse"] <= 1 and r["median_lambda_max"] > 0 for r in rows)
+  assert "| flax |" in result.stdout
+  bad = run_script("diagnose_init.py", "--inits=kaiming")
+  assert bad.returncode != 0 and "--init must be one of" in bad.stderr.strip().splitlines()[-1]

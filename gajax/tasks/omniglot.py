@@ -818,7 +818,7 @@ def make_sampler(images: np.ndarray, ways: int, shots: int, queries: int,
 def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Optional[int] = None, *,
               data_dir: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
               split: str = "maml", split_seed: int = 0, rotations: bool = True,
-              downsample: str = "stride", filters: int = 64, conv: str = "auto"):
+              downsample: str = "stride", filters: int = 64, conv: str = "auto", init: str = "flax"):
   """N-way K-shot Omniglot with MAML's Conv-4 learner (:class:`gajax.models.Conv4`).
 
   Training tasks come from the meta-training characters of ``split``, evaluation tasks from the test
@@ -836,13 +836,15 @@ def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Opt
     downsample, filters: Conv-4's down-sampling (``"stride"`` or ``"pool"``) and width.
     conv: how Conv-4 computes its convolutions (``"auto"``, ``"matmul"``, ``"xla"``; see
       :class:`gajax.models.Conv4`).
+    init: Conv-4's initialisation scheme, ``"flax"``, ``"torch"`` or ``"maml"``
+      (:func:`gajax.models.layer_init`).
   """
   eval_queries = queries if eval_queries is None else eval_queries
   data = load_omniglot(data_dir, cache_dir)
   train_images, test_images = split_omniglot(data, split=split, seed=split_seed)
   for images, q in ((train_images, queries), (test_images, eval_queries)):
     _num_classes(images.shape, ways, shots, q, rotations)
-  model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv)
+  model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv, init_scheme=init)
   size = data.images.shape[-1]
 
   def loss_fn(params, batch):
