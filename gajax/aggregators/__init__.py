@@ -15,7 +15,8 @@ from gajax.aggregators.and_mask import and_mask
 from gajax.aggregators.cagrad import cagrad, cagrad_weights
 from gajax.aggregators.dualproj import dualproj, dualproj_weights
 from gajax.aggregators.graddrop import GradDropState, graddrop
-from gajax.aggregators.gradient_agreement import AgreementState, agreement_weights, gradient_agreement
+from gajax.aggregators.gradient_agreement import (AgreementState, agreement_weights, cosine_agreement,
+                                                 cosine_agreement_weights, gradient_agreement)
 from gajax.aggregators.gradvac import GradVacState, gradvac
 from gajax.aggregators.imtl_g import imtl_g, imtl_g_weights
 from gajax.aggregators.krum import krum, krum_weights

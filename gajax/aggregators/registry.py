@@ -17,6 +17,7 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "sum": ("mean", "sum"),
     "mean": ("mean", "mean"),
     "gradient_agreement": ("gradient_agreement", "gradient_agreement"),
+    "cosine_agreement": ("gradient_agreement", "cosine_agreement"),
     "random": ("random", "random"),
     "pcgrad": ("pcgrad", "pcgrad"),
     "mgda": ("mgda", "mgda"),
