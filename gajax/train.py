@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from gajax import aggregators, algorithms, meta
 from gajax.checkpoint import Checkpointer
 from gajax.models import CONV_IMPLS, INITS, resolve_conv_impl
-from gajax.tasks import binary, sinusoid
+from gajax.tasks import binary, corruption, sinusoid
 from gajax.tasks.base import Task
 
 TASKS = ("sinusoid", "binary", "omniglot")
@@ -56,6 +56,8 @@ class TrainConfig:
   conv_downsample: str = "stride"  # omniglot only
   conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
   init: str = ""  # the model's initialisation (gajax.models.INITS); "": the task's default
+  corrupt_fraction: float = 0.0  # share of every training meta-batch's tasks that is corrupted
+  corruption: str = ""  # how (gajax.tasks.corruption.CORRUPTIONS); needed when corrupt_fraction > 0
   eval_tasks: int = 1000
   eval_inner_steps: int | None = None  # None: the training value.
   eval_every: int = 0  # 0: evaluate only at the end.
@@ -89,6 +91,15 @@ class TrainConfig:
     need(self.init in INITS + ("",),
          f"--init must be one of {', '.join(INITS)} (or empty for the task's default); "
          f"got {self.init!r}.")
+    need(np.isfinite(self.corrupt_fraction) and 0 <= self.corrupt_fraction <= 1,
+         f"--corrupt_fraction must be in [0, 1]; got {self.corrupt_fraction}.")
+    kinds = (corruption.REGRESSION_CORRUPTIONS if self.task == "sinusoid"
+             else corruption.LABEL_CORRUPTIONS)
+    need(self.corrupt_fraction == 0 or self.corruption in kinds,
+         f"--corruption must be one of {', '.join(kinds)} for --task={self.task} when "
+         f"--corrupt_fraction > 0; got {self.corruption!r}.")
+    need(self.corruption in corruption.CORRUPTIONS + ("",),
+         f"--corruption must be one of {', '.join(corruption.CORRUPTIONS)}; got {self.corruption!r}.")
     need(not (self.init and self.task == "binary"),
          "--init applies to the sinusoid MLP and Omniglot's Conv-4, not to binary's logistic regression.")
     need(self.eval_queries is None or self.eval_queries >= 1,
@@ -119,11 +130,12 @@ def aggregator_names() -> tuple[str, ...]:
 def make_aggregator(name: str, num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """The aggregator called ``name`` with the settings scripts use.
 
-  Sized for ``num_tasks`` where its state needs it (agreement, GradVac); random ones (RLW, GradDrop)
+  Sized for ``num_tasks`` where its state needs it (both agreements, GradVac); random ones (RLW, GradDrop)
   get a key from ``seed``; ``trimmed_mean`` cuts one task at each end.
   """
   canonical = aggregators.registry.canonical_name(name)
-  kwargs = {"gradient_agreement": {"num_tasks": num_tasks}, "gradvac": {"num_tasks": num_tasks},
+  kwargs = {"gradient_agreement": {"num_tasks": num_tasks}, "cosine_agreement": {"num_tasks": num_tasks},
+            "gradvac": {"num_tasks": num_tasks},
             "trimmed_mean": {"trim": 1}}.get(canonical, {})
   if canonical in ("random", "graddrop"):
     kwargs["key"] = jax.random.fold_in(jax.random.PRNGKey(seed), 7)
@@ -205,7 +217,13 @@ def make_experiment(config: TrainConfig) -> Experiment:
   num_devices = config.num_devices or jax.local_device_count()
   if num_devices > 1:
     mesh = meta.task_mesh(num_devices)
-  step = meta.make_meta_step(learner, tx, task.sample, config.meta_batch_size, signal=config.signal,
+  sample = task.sample
+  if config.corrupt_fraction > 0:
+    # Evaluation stays clean: only the training sampler is wrapped.
+    sample = corruption.make_corrupted_sampler(
+        sample, fraction=config.corrupt_fraction, kind=config.corruption,
+        num_classes=config.ways if config.task == "omniglot" else 2)
+  step = meta.make_meta_step(learner, tx, sample, config.meta_batch_size, signal=config.signal,
                              mesh=mesh)
   evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks, scan=not uses_host_loops(config))
   return Experiment(config, task, init, step, evaluate, place)

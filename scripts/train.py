@@ -45,6 +45,10 @@ flags.DEFINE_string("conv_impl", _D.conv_impl, "Omniglot Conv-4: 'matmul' (patch
 flags.DEFINE_string("init", _D.init, "Model initialisation: flax (Flax's defaults), torch (PyTorch's "
                     "defaults) or maml (MAML's reference code); empty: the task's default (sinusoid: "
                     "torch, omniglot: flax; README, 'Initialisation').")
+flags.DEFINE_float("corrupt_fraction", _D.corrupt_fraction, "Share of the tasks of every training "
+                   "meta-batch that is corrupted (evaluation stays clean).")
+flags.DEFINE_string("corruption", _D.corruption, "How: noise, amplitude or sign_flip (sinusoid); "
+                    "shuffle_labels or permute_labels (omniglot, binary). See gajax.tasks.corruption.")
 flags.DEFINE_integer("eval_tasks", _D.eval_tasks, "Unseen tasks in the final evaluation.")
 flags.DEFINE_integer("eval_inner_steps", None, "Inner steps at evaluation (default: --inner_steps).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N meta-steps (0: only at the end).")
