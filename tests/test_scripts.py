@@ -105,3 +105,23 @@ def test_diagnose_init_reports_each_scheme(tmp_path):
   assert "| flax |" in result.stdout
   bad = run_script("diagnose_init.py", "--inits=kaiming")
   assert bad.returncode != 0 and "--init must be one of" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_corruption_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
+  out, fig = tmp_path / "grid.json", tmp_path / "grid.png"
+  args = ["--seeds=2", "--num_iterations=4", "--log_every=2", "--eval_tasks=10", "--meta_batch_size=4",
+          "--fractions=0,0.5", "--corruptions=amplitude", "--aggregators=mean,agreement:displacement",
+          f"--json={out}"]
+  first = run_script("corruption_benchmark.py", *args, f"--figure={fig}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert sorted(rows) == ["amplitude|0.5|agreement:displacement", "amplitude|0.5|mean",
+                          "clean|0|agreement:displacement", "clean|0|mean"]
+  assert all(len(r["per_seed"]) == 2 and np.all(np.isfinite(r["per_seed"])) for r in rows.values())
+  assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| amplitude | 0.5 | agreement:displacement |" in first.stdout
+  again = run_script("corruption_benchmark.py", *args)  # nothing left to train: resumes, prints
+  assert again.returncode == 0 and "resuming: 4 rows" in again.stdout
+  assert json.loads(out.read_text())["rows"] == rows
+  other = run_script("corruption_benchmark.py", *args[:-1], "--num_iterations=5", f"--json={out}")
+  assert other.returncode != 0 and "other settings" in other.stderr.strip().splitlines()[-1]
