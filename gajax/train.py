@@ -131,7 +131,8 @@ def make_aggregator(name: str, num_tasks: int, seed: int = 0) -> optax.GradientT
   """The aggregator called ``name`` with the settings scripts use.
 
   Sized for ``num_tasks`` where its state needs it (both agreements, GradVac); random ones (RLW, GradDrop)
-  get a key from ``seed``; ``trimmed_mean`` cuts one task at each end.
+  get a key from ``seed`` (a training run replaces it in ``Experiment.init`` by one derived from the
+  run's key); ``trimmed_mean`` cuts one task at each end.
   """
   canonical = aggregators.registry.canonical_name(name)
   kwargs = {"gradient_agreement": {"num_tasks": num_tasks}, "cosine_agreement": {"num_tasks": num_tasks},
@@ -203,12 +204,20 @@ def make_experiment(config: TrainConfig) -> Experiment:
   eval_learner = make_learner(config, task.loss_fn, config.eval_inner_steps)
   tx = make_tx(config)
 
+  random_aggregator = aggregators.registry.canonical_name(config.aggregator) in ("random", "graddrop")
+
   def init(key):
     init_key, train_key = jax.random.split(key)
     params = task.init_params(init_key)
     if config.algorithm == "metasgd":
       params = algorithms.meta_sgd_init(params, config.inner_lr)
-    return meta.init_state(train_key, params, tx)
+    state = meta.init_state(train_key, params, tx)
+    if random_aggregator:
+      # The aggregator's stream comes from the run's key here, not from the key it was built with, so
+      # that under a vmap over seeds (run_seeds) each seed gets the stream of its own single run.
+      state = state._replace(opt_state=optax.tree_utils.tree_set(
+          state.opt_state, key=jax.random.fold_in(key, 7)))
+    return state
 
   def place(state):
     return state if mesh is None else meta.replicate(state, mesh)
