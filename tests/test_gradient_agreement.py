@@ -63,6 +63,9 @@ def test_transform_output_is_weighted_sum_without_one_over_t():
     {"g": np.zeros((4, 3), np.float32)},
     {"g": np.array([[1.0, 2.0], [-1.0, -2.0]], np.float32)},            # exactly cancelling
     {"g": np.array([[1.0, 2.0], [-1.0, -2.0], [0.0, 0.0]], np.float32)},
+    # cancelling at two sizes, with entries 1 / peak would round: G must still be exactly 0
+    {"g": np.array([[0.3, -1.7, 0.1], [-0.3, 1.7, -0.1], [0.6, -3.4, 0.2], [-0.6, 3.4, -0.2]],
+                   np.float32)},
 ])
 def test_zero_batch_sum_gives_finite_zero_update(tree):
   tx = aggregators.gradient_agreement()
@@ -70,6 +73,7 @@ def test_zero_batch_sum_gives_finite_zero_update(tree):
   assert np.all(np.isfinite(state.weights))
   np.testing.assert_allclose(np.abs(state.weights).sum(), 1.0, rtol=1e-6)
   np.testing.assert_allclose(out["g"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(state.weights, 1.0 / tree["g"].shape[0], rtol=1e-6)  # G = 0: uniform
 
 
 def test_separate_signal_sets_weights_and_updates_are_aggregated():

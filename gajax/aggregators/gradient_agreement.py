@@ -38,9 +38,10 @@ def agreement_weights(task_updates: PyTree) -> jax.Array:
 
   Properties: the weights are signed (a task pointing against the batch sum gets ``w_i < 0``),
   ``sum_i |w_i| = 1``, and they are invariant to a common positive scale of all ``g_i``. We use that
-  invariance for robustness: the inputs are divided by their largest absolute entry before the inner
-  products, which changes nothing mathematically but keeps float32 from overflowing at 1e+30 or
-  underflowing at 1e-30. Everything is accumulated in float32, whatever the leaves' dtype.
+  invariance for robustness: the inputs are divided by a power of two near their largest entry before
+  the inner products, which changes nothing mathematically (the division is exact) but keeps float32
+  from overflowing at 1e+30 or underflowing at 1e-30. Everything is accumulated in float32, whatever
+  the leaves' dtype.
 
   The denominator is zero exactly when ``G = 0`` (``sum_k <g_k, G> = |G|^2``); the paper leaves this
   case open. We return uniform weights ``1/T`` there (so ``sum |w| = 1`` still holds). Aggregating the
@@ -54,10 +55,11 @@ def agreement_weights(task_updates: PyTree) -> jax.Array:
     float32 weights of shape ``[T]``.
   """
   t = _base.num_tasks(task_updates, what="agreement signal")
-  peak = _base.max_abs(task_updates)
-  # A zero or non-finite peak would turn the rescaling itself into NaN; 1.0 keeps zeros at zero and
-  # lets NaN/Inf inputs propagate as NaN rather than be hidden.
-  inv_scale = jnp.where((peak > 0) & jnp.isfinite(peak), 1.0 / peak, 1.0)
+  # A power of two near the largest entry (1 where it is zero or not finite, so zeros stay zero and
+  # NaN/Inf propagate): dividing by it is exact, so updates that cancel exactly ([g, -g, 2g, -2g])
+  # still sum to G = 0 exactly; 1 / peak would round and leave a residue whose direction the
+  # weights would then follow at full size.
+  inv_scale = 1.0 / _base.power_of_two_scale(_base.max_abs(task_updates))
   # <g_i, G> * inv_scale^2 without rescaling the T x P input: the scale enters the sum's weights, and
   # once more the P-sized result, so inv_scale^2 itself is never formed (it could overflow float32).
   total = jax.tree_util.tree_map(lambda x: x * inv_scale, _base.task_sum(task_updates, inv_scale))
