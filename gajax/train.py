@@ -422,34 +422,61 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
   return result
 
 
-def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = print) -> dict:
+def run_seeds(config: TrainConfig, seeds: list[int], *, workdir: Optional[str] = None,
+              checkpoint_every: int = 1000, print_fn: Callable = print) -> dict:
   """Trains and evaluates ``config`` for several seeds at once: one ``jit`` of a ``vmap`` over seeds.
 
   Seed ``s`` gets exactly the keys that ``train_and_evaluate`` would use for ``--seed=s``, so each
   seed's run is the single run with that seed (up to floating-point reassociation under ``vmap``).
 
+  With ``workdir``, the seed-stacked state is checkpointed every ``checkpoint_every`` meta-steps and
+  at the end, and a call with the same ``workdir`` resumes from the latest checkpoint (``config.json``
+  guards the settings as in :func:`train_and_evaluate`; ``num_iterations`` may grow, so a finished
+  10,000-step run can be continued to 70,000). A finished run is only evaluated again.
+
   Returns:
     ``{"metric", "per_seed": [mean over eval tasks, one per seed], "per_seed_ci95": [...],
-    "seconds"}``.
+    "seconds", "steps"}``, ``seconds`` being this call's wall time.
   """
+  if checkpoint_every < 1:
+    raise ValueError(f"checkpoint_every must be >= 1; got {checkpoint_every}.")
   # Seeds are vmapped on one device; sharding tasks inside a vmap over seeds is not set up here.
   exp = make_experiment(dataclasses.replace(config, num_devices=1))
   keys = [seed_keys(s) for s in seeds]
   train_keys = jnp.stack([k[0] for k in keys])
   eval_keys = jnp.stack([k[1] for k in keys])
   state = jax.vmap(exp.init)(train_keys)
+  checkpointer = None
+  if workdir is not None:
+    prepare_workdir(config, workdir)
+    checkpointer = Checkpointer(workdir)
+    if checkpointer.latest_step() is not None:
+      state, info = checkpointer.restore(state)
+      if info.get("seeds") != list(seeds):
+        raise ValueError(f"{workdir} holds a run of seeds {info.get('seeds')}, not {list(seeds)}; "
+                         "use another workdir.")
+      if int(state.step[0]) > config.num_iterations:
+        raise ValueError(f"{workdir} holds a checkpoint at step {int(state.step[0])}, past "
+                         f"num_iterations={config.num_iterations}.")
+      print_fn(f"  resumed from the checkpoint at step {int(state.step[0])} in {workdir}")
   blocks = {}
-  start, done = time.perf_counter(), 0
+  start = time.perf_counter()
+  done = first = int(state.step[0])
   while done < config.num_iterations:
-    count = min(config.log_every, config.num_iterations - done)
+    count = min(config.log_every, config.num_iterations - done,
+                checkpoint_every - done % checkpoint_every)
     if count not in blocks:
       blocks[count] = make_block(exp, count, vmap_seeds=True)
     state, metrics = blocks[count](state, exp.task.train_data)
     done += count
+    if checkpointer is not None and (done % checkpoint_every == 0 or done == config.num_iterations):
+      checkpointer.save(done, to_numpy(state), {"seeds": list(seeds)})
     loss = np.asarray(metrics["query_loss"]).mean(axis=0)  # metrics are [count, seeds]
     print_fn(f"  step {done:>7d}/{config.num_iterations}  query_loss per seed "
-             f"{np.array2string(loss, precision=3)}  {done / (time.perf_counter() - start):.1f} it/s",
-             flush=True)
+             f"{np.array2string(loss, precision=3)}  "
+             f"{(done - first) / (time.perf_counter() - start):.1f} it/s", flush=True)
+  if checkpointer is not None:
+    checkpointer.close()
   if uses_host_loops(exp.config):
     values = jnp.stack([exp.evaluate(jax.tree_util.tree_map(lambda x: x[i], state.params), k,
                                      exp.task.eval_data) for i, k in enumerate(eval_keys)])
@@ -458,4 +485,5 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, print_fn: Callable = pri
                                                                       exp.task.eval_data)
   means, cis = jax.vmap(meta.mean_ci95)(values)
   return {"metric": exp.task.metric, "per_seed": np.asarray(means).tolist(),
-          "per_seed_ci95": np.asarray(cis).tolist(), "seconds": time.perf_counter() - start}
+          "per_seed_ci95": np.asarray(cis).tolist(), "seconds": time.perf_counter() - start,
+          "steps": done}

@@ -29,6 +29,9 @@ flags.DEFINE_list("signals", ["self"], "Agreement signals: self and/or displacem
                   "agreement rows of MAML-family algorithms only).")
 flags.DEFINE_integer("seeds", 5, "Number of seeds (0..N-1).")
 flags.DEFINE_string("json", None, "Write the results here as JSON.")
+flags.DEFINE_string("workdir", None, "Checkpoint each row under <workdir>/<algorithm>_<aggregator>_<signal> "
+                    "(every --checkpoint_every steps); rerunning resumes every row where it stopped.")
+flags.DEFINE_integer("checkpoint_every", 2000, "Meta-steps between checkpoints (with --workdir).")
 for field in dataclasses.fields(TrainConfig):
   if field.name in ("algorithm", "aggregator", "signal", "seed"):
     continue
@@ -73,7 +76,12 @@ def main(argv):
     except ValueError as e:
       sys.exit(f"error: {e}")
     print(f"{algorithm} / {aggregator} / {signal}: {FLAGS.seeds} seeds", flush=True)
-    out = run_seeds(config, seeds)
+    workdir = (os.path.join(FLAGS.workdir, f"{algorithm}_{aggregator}_{signal}") if FLAGS.workdir
+               else None)
+    try:
+      out = run_seeds(config, seeds, workdir=workdir, checkpoint_every=FLAGS.checkpoint_every)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     results.append({"algorithm": algorithm, "aggregator": aggregator, "signal": signal, **out})
 
   command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

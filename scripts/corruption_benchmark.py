@@ -54,6 +54,10 @@ flags.DEFINE_string("overrides", "", "More TrainConfig settings, as name=value p
 flags.DEFINE_string("json", None, "Results file (required): rows are added as they finish; a rerun "
                     "resumes from it.")
 flags.DEFINE_string("figure", None, "Write the figure here (PNG).")
+flags.DEFINE_string("workdir", None, "Also checkpoint each row's training under <workdir>/<row> every "
+                    "--checkpoint_every steps, so a long row resumes mid-way (rows already in --json "
+                    "are skipped either way).")
+flags.DEFINE_integer("checkpoint_every", 500, "Meta-steps between checkpoints (with --workdir).")
 FLAGS = flags.FLAGS
 
 DEFAULT_CORRUPTIONS = {"sinusoid": ["noise", "amplitude", "sign_flip"], "omniglot": ["permute_labels"]}
@@ -185,7 +189,13 @@ def main(argv):
     if key in results:
       continue
     print(f"[{i + 1}/{len(configs)}] {key}: {FLAGS.seeds} seeds", flush=True)
-    out = run_seeds(config, list(range(FLAGS.seeds)))
+    workdir = (os.path.join(FLAGS.workdir, key.replace("|", "_").replace(":", "-")) if FLAGS.workdir
+               else None)
+    try:
+      out = run_seeds(config, list(range(FLAGS.seeds)), workdir=workdir,
+                      checkpoint_every=FLAGS.checkpoint_every)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     results[key] = {"per_seed": out["per_seed"], "per_seed_ci95": out["per_seed_ci95"],
                     "metric": out["metric"], "minutes": out["seconds"] / 60}
     tmp = f"{FLAGS.json}.tmp"

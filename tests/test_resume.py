@@ -1,5 +1,6 @@
 """Kill a real training process with SIGKILL, resume it, and get exactly the uninterrupted run's results."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from gajax.checkpoint import Checkpointer
-from gajax.train import TrainConfig, make_experiment, seed_keys
+from gajax.train import TrainConfig, make_experiment, run_seeds, seed_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--task=binary", "--algorithm=maml", "--aggregator=agreement", "--inner_steps=2",
@@ -109,3 +110,19 @@ def test_time_budget_must_be_positive(tmp_path):
 
   with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
     train_and_evaluate(CONFIG, str(tmp_path / "w"), max_train_seconds=0.0)
+
+
+def test_run_seeds_resumes_to_the_uninterrupted_result(tmp_path):
+  """The seed-vmapped driver: stop at 4 steps, resume to 6 with a longer schedule, same numbers."""
+  config = TrainConfig(meta_batch_size=4, num_iterations=6, log_every=2, eval_tasks=20,
+                       aggregator="agreement")
+  quiet = lambda *a, **k: None
+  full = run_seeds(config, [0, 1], print_fn=quiet)
+  run_seeds(dataclasses.replace(config, num_iterations=4), [0, 1], workdir=str(tmp_path),
+            checkpoint_every=2, print_fn=quiet)
+  resumed = run_seeds(config, [0, 1], workdir=str(tmp_path), checkpoint_every=2, print_fn=quiet)
+  assert resumed["steps"] == 6 and resumed["per_seed"] == full["per_seed"]
+  with pytest.raises(ValueError, match="holds a run of seeds"):
+    run_seeds(config, [0, 2], workdir=str(tmp_path), print_fn=quiet)
+  with pytest.raises(ValueError, match="other settings"):
+    run_seeds(dataclasses.replace(config, inner_lr=0.02), [0, 1], workdir=str(tmp_path), print_fn=quiet)
