@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -309,13 +311,45 @@ def prepare_workdir(config: TrainConfig, workdir: str, overwrite: bool = False) 
     with open(path) as f:
       old = json.load(f)
     new = dataclasses.asdict(config)
+    # A setting added after the run was written (absent from its config.json) had its default then.
+    defaults = dataclasses.asdict(TrainConfig())
     diff = [k for k in sorted(set(old) | set(new))
-            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+            if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new.get(k)]
     if diff:
       detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
       raise ValueError(f"{workdir} holds a run with other settings ({detail}); use another "
                        "--workdir or pass --overwrite to discard it.")
   _atomic_write(path, json.dumps(dataclasses.asdict(config), indent=2))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on ``workdir`` for one run; a second run on it is refused at once.
+
+  An ``flock`` on ``<workdir>/lock``: the operating system drops it when the holding process ends,
+  however it ends, so a run killed with SIGKILL leaves nothing that blocks the resume that follows.
+
+  Raises:
+    ValueError: another live process holds the workdir (its pid is in the message).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "lock")
+  handle = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "unknown"
+      raise ValueError(f"{workdir} is in use by another run (pid {holder}); wait for it to finish or "
+                       "use another workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the lock
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -350,6 +384,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, checkpoint_every: i
   if max_train_seconds is not None and not max_train_seconds > 0:
     raise ValueError(f"--max_train_minutes must be > 0; got {max_train_seconds / 60:g}.")
   exp = make_experiment(config)
+  with workdir_lock(workdir):
+    return _train_and_evaluate(exp, workdir, checkpoint_every, overwrite, max_train_seconds, print_fn)
+
+
+def _train_and_evaluate(exp, workdir, checkpoint_every, overwrite, max_train_seconds, print_fn):
+  config = exp.config
   prepare_workdir(config, workdir, overwrite)
   train_key, eval_key = seed_keys(config.seed)
   blocks = {}  # block length -> jitted block of meta-steps
@@ -446,6 +486,13 @@ def run_seeds(config: TrainConfig, seeds: list[int], *, workdir: Optional[str] =
   train_keys = jnp.stack([k[0] for k in keys])
   eval_keys = jnp.stack([k[1] for k in keys])
   state = jax.vmap(exp.init)(train_keys)
+  with contextlib.ExitStack() as stack:
+    if workdir is not None:
+      stack.enter_context(workdir_lock(workdir))
+    return _run_seeds(config, seeds, exp, state, eval_keys, workdir, checkpoint_every, print_fn)
+
+
+def _run_seeds(config, seeds, exp, state, eval_keys, workdir, checkpoint_every, print_fn):
   checkpointer = None
   if workdir is not None:
     prepare_workdir(config, workdir)

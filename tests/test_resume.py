@@ -126,3 +126,21 @@ def test_run_seeds_resumes_to_the_uninterrupted_result(tmp_path):
     run_seeds(config, [0, 2], workdir=str(tmp_path), print_fn=quiet)
   with pytest.raises(ValueError, match="other settings"):
     run_seeds(dataclasses.replace(config, inner_lr=0.02), [0, 1], workdir=str(tmp_path), print_fn=quiet)
+
+
+def test_a_workdir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom gajax.train import workdir_lock\n"
+       "with workdir_lock(sys.argv[1]):\n  print('locked', flush=True)\n  time.sleep(120)", str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, env=env())
+  assert holder.stdout.readline().strip() == "locked"
+  short = [*command(tmp_path)[:-1], "--num_iterations=4", f"--workdir={tmp_path}"]
+  refused = subprocess.run(short, capture_output=True, text=True, env=env(), timeout=300)
+  assert refused.returncode != 0
+  assert f"is in use by another run (pid {holder.pid})" in refused.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "metrics.jsonl").exists()  # refused before touching anything
+  os.kill(holder.pid, signal.SIGKILL)
+  holder.wait()
+  ran = subprocess.run(short, capture_output=True, text=True, env=env(), timeout=300)
+  assert ran.returncode == 0, ran.stderr[-2000:]
+  assert (tmp_path / "eval.json").exists()
