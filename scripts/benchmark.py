@@ -34,16 +34,11 @@ import functools
 import importlib
 import inspect
 import json
-import os
 import shlex
 import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-# pylint: disable=wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +48,6 @@ from gajax import aggregators, algorithms, benchmarking, meta
 from gajax.models import Conv4, resolve_conv_impl
 from gajax.tasks import sinusoid
 from gajax.train import TrainConfig, uses_host_loops
-# pylint: enable=wrong-import-position
 
 SUITES = ("aggregators", "meta_step", "conv", "flops", "peers")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")

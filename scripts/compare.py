@@ -15,12 +15,10 @@ import shlex
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from scipy import stats
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from gajax.train import TrainConfig, run_seeds  # pylint: disable=wrong-import-position
+from gajax.train import TrainConfig, run_seeds
 
 _D = TrainConfig()
 flags.DEFINE_list("algorithms", ["maml"], "Algorithms to compare.")
@@ -63,6 +61,8 @@ def t_interval(values):
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.seeds < 1:
     sys.exit(f"error: --seeds must be >= 1; got {FLAGS.seeds}.")
   shared = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)

@@ -15,7 +15,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from gajax import diagnostics
 from gajax.models import INITS
@@ -38,6 +38,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.task not in ("sinusoid", "omniglot"):
     sys.exit(f"error: --task must be sinusoid or omniglot; got {FLAGS.task!r}.")
   if FLAGS.seeds < 1 or FLAGS.meta_batch_size < 1 or FLAGS.power_iters < 1:

@@ -11,11 +11,8 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-# pylint: disable=wrong-import-position
 from gajax import meta
 from gajax.checkpoint import Checkpointer
 from gajax.train import TrainConfig, make_experiment, make_jit, seed_keys
@@ -33,6 +30,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
+    logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required.")
   config_path = os.path.join(FLAGS.workdir, "config.json")
@@ -56,8 +55,10 @@ def main(argv):
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
             "config": dataclasses.asdict(config)}
   output = FLAGS.output or os.path.join(FLAGS.workdir, "eval.json")
-  with open(output, "w") as f:
+  tmp = f"{output}.tmp"  # written whole, then renamed: an interrupted write leaves the old file
+  with open(tmp, "w") as f:
     json.dump(result, f, indent=2)
+  os.replace(tmp, output)
   print(f"eval at step {result['steps']}: {result['metric']} {result['mean']:.4f} ± "
         f"{result['ci95']:.4f} (95% CI over {result['num_tasks']} unseen tasks) -> {output}")
 

@@ -7,14 +7,11 @@ Writes <workdir>/metrics.jsonl (one line per meta-step) and <workdir>/eval.json.
 """
 
 import dataclasses
-import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from gajax.train import TrainConfig, train_and_evaluate  # pylint: disable=wrong-import-position
+from gajax.train import TrainConfig, train_and_evaluate
 
 _D = TrainConfig()
 flags.DEFINE_string("task", _D.task, "Task distribution: sinusoid, binary or omniglot.")
@@ -74,6 +71,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.coordinator_address:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
