@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -12,7 +14,8 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 
 def adapt(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
-          lr: float | jax.Array | PyTree, first_order: bool = False) -> tuple[PyTree, jax.Array]:
+          lr: float | jax.Array | PyTree, first_order: bool = False,
+          remat: bool = False) -> tuple[PyTree, jax.Array]:
   r"""Runs ``steps`` steps of gradient descent ``theta <- theta - lr * grad loss_fn(theta, batch)``.
 
   The loop is a ``lax.scan``, so differentiating through it gives MAML's full second-order
@@ -28,6 +31,13 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
     lr: the inner learning rate: a scalar, or a pytree shaped like ``params`` holding per-parameter
       rates (Meta-SGD, Li et al., 2017).
     first_order: drop the second-order terms.
+    remat: bound the memory of differentiating through the loop (gradient checkpointing). Plain
+      reverse mode keeps every step's activations, so memory grows linearly with ``steps``. With
+      ``remat=True`` the ``k`` steps run as ``ceil(k / b)`` blocks of ``b = ceil(sqrt(k))`` steps, each
+      block under ``jax.checkpoint``: the backward pass stores only the parameters at block
+      boundaries and recomputes one block at a time, so memory grows like ``sqrt(k)`` (parameters at
+      ``k / b`` boundaries plus one block's activations) for about one extra forward pass of the
+      loop. The values and gradients are those of the plain loop (the same operations, recomputed).
 
   Returns:
     ``(theta_k, losses)`` where ``losses[s] = loss_fn(theta_s, batch)``, shape ``[steps]``.
@@ -52,4 +62,18 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
 
   if steps == 0:
     return params, jnp.zeros((0,), jnp.float32)
-  return jax.lax.scan(step, params, None, length=steps)
+  if not remat:
+    return jax.lax.scan(step, params, None, length=steps)
+  block = math.ceil(math.sqrt(steps))
+
+  @functools.partial(jax.checkpoint, static_argnums=(1,))
+  def run_block(p, length):
+    return jax.lax.scan(step, p, None, length=length)
+
+  full, rest = divmod(steps, block)
+  params, losses = jax.lax.scan(lambda p, _: run_block(p, block), params, None, length=full)
+  losses = [jnp.reshape(losses, (-1,))]
+  if rest:
+    params, tail = run_block(params, rest)
+    losses.append(tail)
+  return params, jnp.concatenate(losses)

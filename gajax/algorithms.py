@@ -90,7 +90,7 @@ def _displacement(params, adapted):
 
 
 def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
-         first_order: bool = False) -> MetaLearner:
+         first_order: bool = False, remat: bool = False) -> MetaLearner:
   r"""MAML (Finn et al., 2017): the meta-gradient of the query loss after ``inner_steps`` steps.
 
   .. math:: u(\theta) = \nabla_\theta\, L_{query}(\theta_k(\theta)),\quad
@@ -98,7 +98,9 @@ def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
 
   The gradient flows through every inner step (true second order, via ``lax.scan``). With
   ``first_order=True`` this is FOMAML: ``u = \nabla L_{query}(\theta_k)``, the Hessian-vector terms
-  dropped.
+  dropped. ``remat=True`` checkpoints the inner loop in blocks of ``sqrt(k)`` steps, so the memory of
+  the second-order backward pass grows like ``sqrt(k)`` instead of ``k``, for about one more forward
+  pass of the loop (see :func:`gajax.adaptation.adapt`); the update is the same.
   """
   _check("maml", inner_steps, inner_lr)
 
@@ -110,7 +112,7 @@ def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
 
     def outer(p):
       adapted, losses = adapt(loss_fn, p, support, steps=inner_steps, lr=inner_lr,
-                              first_order=first_order)
+                              first_order=first_order, remat=remat)
       return loss_fn(adapted, query), (adapted, losses)
 
     (q_loss, (adapted, losses)), grads = jax.value_and_grad(outer, has_aux=True)(params)
@@ -151,14 +153,15 @@ def reptile(loss_fn: LossFn, *, inner_steps: int, inner_lr: float) -> MetaLearne
   return MetaLearner("reptile", update_fn, adapt_fn)
 
 
-def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False) -> MetaLearner:
+def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False,
+             remat: bool = False) -> MetaLearner:
   r"""Meta-SGD (Li et al., 2017): MAML with per-parameter inner learning rates learned in the outer loop.
 
   Meta-parameters are :class:`MetaSGDParams` ``(theta, alpha)`` with ``alpha`` shaped like ``theta``
   (make them with :func:`meta_sgd_init`). The inner step is ``theta <- theta - alpha * grad`` (elementwise)
   and the update is the gradient of the query loss w.r.t. both ``theta`` and ``alpha``:
   ``d L_q / d alpha = -grad L_q(theta_1) * grad L_s(theta)`` for one step. ``adapt`` returns model
-  parameters only.
+  parameters only. ``remat`` bounds the memory of the backward pass as in :func:`maml`.
   """
   _check("meta_sgd", inner_steps)
 
@@ -170,7 +173,7 @@ def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False
 
     def outer(mp):
       adapted, losses = adapt(loss_fn, mp.params, support, steps=inner_steps, lr=mp.inner_lr,
-                              first_order=first_order)
+                              first_order=first_order, remat=remat)
       return loss_fn(adapted, query), (adapted, losses)
 
     (q_loss, (adapted, losses)), grads = jax.value_and_grad(outer, has_aux=True)(meta_params)

@@ -49,7 +49,7 @@ from gajax.models import Conv4, resolve_conv_impl
 from gajax.tasks import sinusoid
 from gajax.train import TrainConfig, uses_host_loops
 
-SUITES = ("aggregators", "meta_step", "conv", "flops", "peers")
+SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
@@ -69,6 +69,7 @@ flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values for
                   "PyTorch's OpenMP barriers make 2 threads up to ~35x slower than 1.")
 flags.DEFINE_list("configs", None, "Only these meta-step workloads (meta_step, flops, peers), e.g. "
                   "sinusoid,omni5w_stride,omni20w_stride (default: each suite's own choice).")
+flags.DEFINE_list("memory_steps", ["1", "5", "25", "100"], "Inner-step counts of the memory suite.")
 flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch baseline in the peers suite: cpu or "
                     "cuda (then each torch step ends with torch.cuda.synchronize()).")
 FLAGS = flags.FLAGS
@@ -476,6 +477,49 @@ def suite_conv(rows):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Memory of second order: plain reverse mode vs checkpointed inner loop vs first order.
+
+
+def suite_memory(rows):
+  """Conv-4 5-way 1-shot, 32 tasks: per-task updates of one meta-batch at several inner-step counts.
+
+  Memory is XLA's compiled analysis (``temp_size_in_bytes``, the working memory of the program; it
+  grows with the activations kept for the backward pass); time is the interleaved median per call
+  (sample, per-task updates, mean over tasks). The device's own peak is not reported: it cannot be
+  reset between programs, so it would mix the variants.
+  """
+  base = next(c for c in meta_configs() if c.name == ("omni2w_stride" if FLAGS.quick else "omni5w_stride"))
+  steps = [1, 3] if FLAGS.quick else [int(k) for k in FLAGS.memory_steps]
+  variants = {"maml": {}, "maml+remat": {"remat": True}, "fomaml": {"first_order": True}}
+  for k in steps:
+    cfg = dataclasses.replace(base, inner_steps=k)
+    log(f"memory: {cfg.describe()}: plain vs checkpointed (remat) second order vs first order")
+    sample, loss_fn, init_params = workload(cfg)
+    params = init_params(jax.random.PRNGKey(0))
+    contenders, memory = {}, {}
+    for name, kwargs in variants.items():
+      learner = algorithms.maml(loss_fn, inner_steps=k, inner_lr=cfg.inner_lr, **kwargs)
+
+      def updates(p, key, learner=learner):
+        support, query = sample(key, cfg.num_tasks)
+        return jax.tree_util.tree_map(lambda u: jnp.mean(u, axis=0),
+                                      algorithms.per_task(learner)(p, support, query))
+
+      compiled = jax.jit(updates).lower(params, jax.random.PRNGKey(1)).compile()
+      analysis = compiled.memory_analysis()
+      memory[name] = None if analysis is None else int(analysis.temp_size_in_bytes)
+      contenders[name] = (compiled, (params, jax.random.PRNGKey(1)))
+    timings = timed(contenders)
+    for name, timing in timings.items():
+      mib = memory[name] / 2**20 if memory[name] is not None else float("nan")
+      ratio_mem = (memory[name] / memory["maml"]) if memory[name] and memory["maml"] else float("nan")
+      rows.append(row("memory", f"{cfg.name} {k} inner steps, {name}", timing, workload=cfg.describe(),
+                      inner_steps=k, variant=name, temp_bytes=memory[name], memory_vs_maml=ratio_mem,
+                      baseline="maml", notes=f"{mib:.0f} MiB working memory ({ratio_mem:.2f}x maml's)",
+                      **benchmarking.paired_ratio(timing, timings["maml"])))
+
+
+# ---------------------------------------------------------------------------------------------------
 # FLOP/s.
 
 
@@ -744,7 +788,7 @@ def main(argv):
     sys.exit(f"error: unknown --configs {', '.join(sorted(set(FLAGS.configs) - known))}; choose from "
              f"{', '.join(sorted(known))}.")
   runners = {"aggregators": suite_aggregators, "meta_step": suite_meta_step, "conv": suite_conv,
-             "flops": suite_flops, "peers": suite_peers}
+             "flops": suite_flops, "peers": suite_peers, "memory": suite_memory}
   log(f"device: {benchmarking.device_string()}; suites: {', '.join(suites)}"
       f"{' (quick)' if FLAGS.quick else ''}; repeats {FLAGS.repeats}, warmup {FLAGS.warmup}")
   rows, skipped = [], []

@@ -32,7 +32,8 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   data = json.loads(out.read_text())
   assert data["quick"] is True and data["device"].startswith("cpu")
   rows = data["rows"]
-  expected = {"aggregators", "meta_step", "conv", "flops"} | ({"peers"} if HAVE_TORCH else set())
+  expected = ({"aggregators", "meta_step", "conv", "flops", "memory"}
+              | ({"peers"} if HAVE_TORCH else set()))
   assert {r["suite"] for r in rows} == expected
   for r in rows:
     assert ROW_KEYS <= set(r), r
@@ -52,6 +53,10 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   assert conv[("xla", "gradient_agreement")]["baseline"] == "xla+mean"
   # The two implementations compute the same function: float32 rounding apart on a CPU.
   assert all(r["rel_loss_diff_vs_matmul"]["max"] < 1e-4 for (c, _), r in conv.items() if c == "xla")
+  memory = {(r["inner_steps"], r["variant"]): r for r in rows if r["suite"] == "memory"}
+  assert set(memory) == {(k, v) for k in (1, 3) for v in ("maml", "maml+remat", "fomaml")}
+  assert all(r["temp_bytes"] > 0 and r["baseline"] == "maml" for r in memory.values())
+  assert memory[(3, "fomaml")]["temp_bytes"] < memory[(3, "maml")]["temp_bytes"]
   if HAVE_TORCH:
     torch_rows = [r for r in rows if r["suite"] == "peers" and " torch " in r["config"]]
     assert torch_rows and all(r["baseline"] == "gajax" and r["implementation"] and "ratio" in r
