@@ -39,6 +39,8 @@ import sys
 import time
 
 from absl import app, flags
+
+import _cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -765,8 +767,7 @@ def markdown(rows):
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  _cli.start(argv)
   if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.max_repeats_slow < 1:
     sys.exit("error: --repeats and --max_repeats_slow must be >= 1 and --warmup >= 0.")
   try:

@@ -15,7 +15,9 @@ import shlex
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+
+import _cli
 from scipy import stats
 
 from gajax.train import TrainConfig, run_seeds
@@ -59,10 +61,7 @@ def t_interval(values):
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
-    logging.set_verbosity(logging.WARNING)
+  _cli.start(argv)
   if FLAGS.seeds < 1:
     sys.exit(f"error: --seeds must be >= 1; got {FLAGS.seeds}.")
   shared = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)

@@ -27,7 +27,9 @@ import sys
 
 import matplotlib
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+
+import _cli
 from scipy import stats
 
 from gajax.train import TrainConfig, run_seeds
@@ -145,10 +147,7 @@ def figure(results, corruptions, fractions, aggregators, metric, path):
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
-    logging.set_verbosity(logging.WARNING)
+  _cli.start(argv)
   if not FLAGS.json:
     sys.exit("error: --json is required (it holds the rows and lets a rerun resume).")
   if FLAGS.task not in DEFAULT_CORRUPTIONS:

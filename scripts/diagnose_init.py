@@ -15,7 +15,9 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+
+import _cli
 
 from gajax import diagnostics
 from gajax.models import INITS
@@ -36,10 +38,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
-    logging.set_verbosity(logging.WARNING)
+  _cli.start(argv)
   if FLAGS.task not in ("sinusoid", "omniglot"):
     sys.exit(f"error: --task must be sinusoid or omniglot; got {FLAGS.task!r}.")
   if FLAGS.seeds < 1 or FLAGS.meta_batch_size < 1 or FLAGS.power_iters < 1:

@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import _cli
 
 from gajax import meta
 from gajax.checkpoint import Checkpointer
@@ -28,10 +30,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
-    logging.set_verbosity(logging.WARNING)
+  _cli.start(argv)
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required.")
   config_path = os.path.join(FLAGS.workdir, "config.json")

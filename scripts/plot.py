@@ -17,6 +17,8 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
+import _cli
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
@@ -112,8 +114,7 @@ def plot_weights(runs, path, bin_size):
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  _cli.start(argv)
   if not FLAGS.workdirs:
     sys.exit("error: --workdirs is required.")
   labels = FLAGS.labels or [os.path.basename(os.path.normpath(w)) for w in FLAGS.workdirs]

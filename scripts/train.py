@@ -9,7 +9,9 @@ Writes <workdir>/metrics.jsonl (one line per meta-step) and <workdir>/eval.json.
 import dataclasses
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import _cli
 
 from gajax.train import TrainConfig, train_and_evaluate
 
@@ -69,10 +71,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not FLAGS["verbosity"].present:  # quiet by default: progress, warnings, the result
-    logging.set_verbosity(logging.WARNING)
+  _cli.start(argv)
   if FLAGS.coordinator_address:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
