@@ -144,3 +144,15 @@ def test_a_workdir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
   ran = subprocess.run(short, capture_output=True, text=True, env=env(), timeout=300)
   assert ran.returncode == 0, ran.stderr[-2000:]
   assert (tmp_path / "eval.json").exists()
+
+
+def test_a_workdir_written_before_a_setting_existed_still_resumes(tmp_path):
+  """Runs carried across sessions (e.g. the GPU's 20-way pair) predate init/corruption settings."""
+  from gajax.train import prepare_workdir  # pylint: disable=import-outside-toplevel
+  old = dataclasses.asdict(CONFIG)
+  for name in ("init", "corrupt_fraction", "corruption"):
+    old.pop(name)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  prepare_workdir(CONFIG, str(tmp_path))  # no error: absent settings had their defaults
+  with pytest.raises(ValueError, match="init: '' -> 'flax'"):  # a real change is still refused
+    prepare_workdir(dataclasses.replace(CONFIG, task="sinusoid", init="flax"), str(tmp_path))
