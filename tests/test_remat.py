@@ -16,7 +16,7 @@ def batch(seed, num_tasks=4):
   return TASK.sample(jax.random.PRNGKey(seed), num_tasks, None)
 
 
-@pytest.mark.parametrize("steps", [1, 4, 7, 10])
+@pytest.mark.parametrize("steps", [1, 7])
 def test_remat_maml_equals_plain_maml(steps):
   params = TASK.init_params(jax.random.PRNGKey(0))
   support, query = batch(steps)
