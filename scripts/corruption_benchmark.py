@@ -82,6 +82,11 @@ def parse_overrides(text):
   return out
 
 
+def _comparable(settings):
+  """Settings that change the results (the data's location does not)."""
+  return {k: v for k, v in settings.items() if k != "data_dir"}
+
+
 def row_key(corruption, fraction, aggregator):
   return f"{corruption if fraction > 0 else 'clean'}|{fraction:g}|{aggregator}"
 
@@ -179,7 +184,8 @@ def main(argv):
   if os.path.exists(FLAGS.json):
     with open(FLAGS.json) as f:
       saved = json.load(f)
-    if saved.get("settings") != settings or saved.get("seeds") != FLAGS.seeds:
+    if (_comparable(saved.get("settings", {})) != _comparable(settings)
+        or saved.get("seeds") != FLAGS.seeds):
       sys.exit(f"error: {FLAGS.json} holds a benchmark with other settings ({saved.get('settings')}, "
                f"{saved.get('seeds')} seeds); use another --json.")
     results = saved["rows"]
