@@ -1,4 +1,5 @@
-"""Tests for gajax.tasks.omniglot: sources, verification, cache, download, splits and task sampling.
+"""Tests for gajax.data.omniglot (sources, verification, cache, download, splits) and gajax.tasks.omniglot
+(task sampling).
 
 Synthetic sets are tiny (10 characters x 20 drawings); one test reads the real archive.
 """
@@ -10,6 +11,8 @@ import functools
 import hashlib
 import http.server
 import io
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -24,6 +27,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from gajax.data import omniglot as omniglot_data
 from gajax.tasks import omniglot
 
 
@@ -93,7 +97,7 @@ def _write_tar(path: Path, files: dict, prefix: str = "omniglot/", sums: bool = 
 
 def _write_zips(folder: Path, files: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
   folder.mkdir(parents=True, exist_ok=True)
-  for subset in omniglot.SUBSETS:
+  for subset in omniglot_data.SUBSETS:
     with zipfile.ZipFile(folder / f"{subset}.zip", "w", compression) as zf:
       zf.writestr(f"{subset}/", b"")
       for name in sorted(files):
@@ -111,7 +115,25 @@ def _write_folder(root: Path, files: dict) -> Path:
 
 
 def _load(path, cache_dir, **kw):
-  return omniglot.load_omniglot(path, cache_dir, expected_characters=COUNTS, **kw)
+  return omniglot_data.load_omniglot(path, cache_dir, expected_characters=COUNTS, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module boundary.
+
+
+def test_data_module_does_not_import_jax():
+  # In a fresh interpreter, so that this test process's own jax import cannot hide one. ``gajax`` is
+  # stubbed as a bare namespace first: its __init__ re-exports the JAX API and would import jax itself;
+  # what is checked is what gajax.data.omniglot (and gajax.data) pull in.
+  code = (
+      "import sys, types\n"
+      f"pkg = types.ModuleType('gajax'); pkg.__path__ = [{str(Path(omniglot_data.__file__).parents[1])!r}]\n"
+      "sys.modules['gajax'] = pkg\n"
+      "import gajax.data.omniglot\n"
+      "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib'))))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,7 +179,7 @@ def test_batched_resize_is_bit_identical_to_pillow(size):
   raw = np.concatenate([rng.integers(0, 256, (8, 105, 105)), 255 * (rng.random((8, 105, 105)) < 0.9)])
   raw = raw.astype(np.uint8)
   want = np.stack([np.asarray(Image.fromarray(r).resize((size, size), Image.Resampling.LANCZOS)) for r in raw])
-  np.testing.assert_array_equal(omniglot._resize_lanczos(raw, size), want)
+  np.testing.assert_array_equal(omniglot_data._resize_lanczos(raw, size), want)
 
 
 def test_sha256sums_are_checked(tmp_path, files):
@@ -184,23 +206,23 @@ def test_sha256sums_are_checked(tmp_path, files):
 
 def test_missing_sources(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-    omniglot.load_omniglot(tmp_path / "nope", tmp_path / "c")
+    omniglot_data.load_omniglot(tmp_path / "nope", tmp_path / "c")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no Omniglot data found"):
-    omniglot.load_omniglot(tmp_path / "empty", tmp_path / "c")
+    omniglot_data.load_omniglot(tmp_path / "empty", tmp_path / "c")
   (tmp_path / "one").mkdir()
   (tmp_path / "one" / "images_background.zip").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="images_evaluation.zip"):
-    omniglot.load_omniglot(tmp_path / "one", tmp_path / "c")
+    omniglot_data.load_omniglot(tmp_path / "one", tmp_path / "c")
 
 
 def test_no_path_uses_env_or_fails(tmp_path, files, monkeypatch):
-  monkeypatch.delenv(omniglot.DATA_ENV, raising=False)
+  monkeypatch.delenv(omniglot_data.DATA_ENV, raising=False)
   with pytest.raises(FileNotFoundError, match="GAJAX_DATA_DIR"):
-    omniglot.load_omniglot(None, tmp_path / "c")
-  monkeypatch.setenv(omniglot.DATA_ENV, str(_write_zips(tmp_path / "z", files[0])))
-  monkeypatch.setenv(omniglot.CACHE_ENV, str(tmp_path / "envcache"))
-  assert omniglot.load_omniglot(expected_characters=COUNTS).images.shape == (10, 20, 28, 28)
+    omniglot_data.load_omniglot(None, tmp_path / "c")
+  monkeypatch.setenv(omniglot_data.DATA_ENV, str(_write_zips(tmp_path / "z", files[0])))
+  monkeypatch.setenv(omniglot_data.CACHE_ENV, str(tmp_path / "envcache"))
+  assert omniglot_data.load_omniglot(expected_characters=COUNTS).images.shape == (10, 20, 28, 28)
   assert len(list((tmp_path / "envcache").glob("omniglot_28px_*.npz"))) == 1
 
 
@@ -239,7 +261,7 @@ def test_wrong_counts(tmp_path, files):
   pngs = dict(files[0])
   path = _write_tar(tmp_path / "o.tar.gz", pngs)
   with pytest.raises(ValueError, match="found 6 background \\+ 4 evaluation characters, expected 964 \\+ 659"):
-    omniglot.load_omniglot(path, tmp_path / "c")  # default counts are the real ones
+    omniglot_data.load_omniglot(path, tmp_path / "c")  # default counts are the real ones
   del pngs[sorted(pngs)[0]]
   path = _write_tar(tmp_path / "short.tar.gz", pngs)
   with pytest.raises(ValueError, match="Alpha/character01 has 19 drawings, expected 20"):
@@ -271,7 +293,7 @@ def test_cache_hit_key_and_rebuild(tmp_path, files, monkeypatch):
     raise AssertionError("decoded although cached")
 
   with monkeypatch.context() as m:
-    m.setattr(omniglot, "_decode_png", no_decoding)
+    m.setattr(omniglot_data, "_decode_png", no_decoding)
     again = _load(path, cache)
   np.testing.assert_array_equal(again.images, first.images)
   assert again.characters == first.characters and again.alphabets == first.alphabets
@@ -312,9 +334,9 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, files, monkeypatch, cr
 
   with monkeypatch.context() as m:
     if crash_in == "savez":
-      m.setattr(omniglot.np, "savez", crash)
+      m.setattr(omniglot_data.np, "savez", crash)
     else:
-      m.setattr(omniglot.os, "replace", crash)
+      m.setattr(omniglot_data.os, "replace", crash)
     with pytest.raises(Crash):
       _load(path, cache)
   assert list(cache.iterdir()) == []
@@ -328,7 +350,7 @@ def test_unwritable_cache_only_warns(tmp_path, files, monkeypatch):
   def deny(*a, **k):
     raise PermissionError("read-only")
 
-  monkeypatch.setattr(omniglot.tempfile, "mkstemp", deny)
+  monkeypatch.setattr(omniglot_data.tempfile, "mkstemp", deny)
   with pytest.warns(RuntimeWarning, match="could not write"):
     assert _load(path, tmp_path / "cache").images.shape[0] == 10
 
@@ -361,26 +383,26 @@ def test_download(tmp_path, files, monkeypatch):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
   served = _write_zips(tmp_path / "www" / "python", files[0])
-  digests = {n: hashlib.sha256((served / n).read_bytes()).hexdigest() for n in omniglot.ZIP_NAMES}
+  digests = {n: hashlib.sha256((served / n).read_bytes()).hexdigest() for n in omniglot_data.ZIP_NAMES}
   with _serve(tmp_path / "www") as url:
-    dest = omniglot.download_omniglot(tmp_path / "dl", url, digests, expected_characters=COUNTS)
-    for n in omniglot.ZIP_NAMES:
+    dest = omniglot_data.download_omniglot(tmp_path / "dl", url, digests, expected_characters=COUNTS)
+    for n in omniglot_data.ZIP_NAMES:
       assert (dest / n).read_bytes() == (served / n).read_bytes()
     assert _load(dest, tmp_path / "cache").images.shape == (10, 20, 28, 28)
 
     # No known digest: the structure check still runs, and rejects the wrong counts.
     with pytest.raises(ValueError, match="images_background.zip: 6 characters under images_background, "
                                          "expected 964"):
-      omniglot.download_omniglot(tmp_path / "dl2", url)
+      omniglot_data.download_omniglot(tmp_path / "dl2", url)
     assert list((tmp_path / "dl2").iterdir()) == []
 
     wrong = {"images_evaluation.zip": "0" * 64}
     with pytest.raises(ValueError, match="images_evaluation.zip: sha256 mismatch"):
-      omniglot.download_omniglot(tmp_path / "dl3", url, wrong, expected_characters=COUNTS)
+      omniglot_data.download_omniglot(tmp_path / "dl3", url, wrong, expected_characters=COUNTS)
     assert [p.name for p in (tmp_path / "dl3").iterdir()] == ["images_background.zip"]
 
     with pytest.raises(OSError, match="download failed"):
-      omniglot.download_omniglot(tmp_path / "dl4", url + "/missing", expected_characters=COUNTS)
+      omniglot_data.download_omniglot(tmp_path / "dl4", url + "/missing", expected_characters=COUNTS)
     assert list((tmp_path / "dl4").iterdir()) == []
 
 
@@ -390,33 +412,33 @@ def test_download(tmp_path, files, monkeypatch):
 
 def test_maml_split():
   is_bg = np.arange(1623) < 964
-  train, test = omniglot.split_indices(is_bg)
+  train, test = omniglot_data.split_indices(is_bg)
   assert train.shape == (1200,) and test.shape == (423,)
   np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), np.arange(1623))
   perm = np.random.RandomState(0).permutation(1623)
   np.testing.assert_array_equal(train, np.sort(perm[:1200]))
   # Pinned, so that a change of the documented rule (or of numpy's legacy stream) cannot go unnoticed.
   assert perm[:5].tolist() == [501, 752, 1520, 883, 107] and perm[1200:1203].tolist() == [698, 1048, 1390]
-  np.testing.assert_array_equal(omniglot.split_indices(is_bg, seed=0)[1], test)
-  assert not np.array_equal(omniglot.split_indices(is_bg, seed=1)[1], test)
+  np.testing.assert_array_equal(omniglot_data.split_indices(is_bg, seed=0)[1], test)
+  assert not np.array_equal(omniglot_data.split_indices(is_bg, seed=1)[1], test)
 
 
 def test_lake_split_and_split_omniglot():
   is_bg = np.arange(1623) < 964
-  train, test = omniglot.split_indices(is_bg, "lake")
+  train, test = omniglot_data.split_indices(is_bg, "lake")
   assert train.size == 964 and test.size == 659 and train.max() < test.min()
   images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((10, 2, 3, 3), np.uint8)
-  data = omniglot.OmniglotData(images, ["A"] * 10, [f"A/c{i}" for i in range(10)], np.arange(10) < 6)
-  tr, te = omniglot.split_omniglot(data, "lake")
+  data = omniglot_data.OmniglotData(images, ["A"] * 10, [f"A/c{i}" for i in range(10)], np.arange(10) < 6)
+  tr, te = omniglot_data.split_omniglot(data, "lake")
   np.testing.assert_array_equal(tr[:, 0, 0, 0], np.arange(6))
   np.testing.assert_array_equal(te[:, 0, 0, 0], np.arange(6, 10))
-  tr, te = omniglot.split_omniglot(data, "maml", seed=3, num_train=7)
+  tr, te = omniglot_data.split_omniglot(data, "maml", seed=3, num_train=7)
   assert tr.shape == (7, 2, 3, 3) and te.shape == (3, 2, 3, 3)
   assert set(tr[:, 0, 0, 0]) | set(te[:, 0, 0, 0]) == set(range(10))
   with pytest.raises(ValueError, match="unknown Omniglot split"):
-    omniglot.split_indices(is_bg, "random")
+    omniglot_data.split_indices(is_bg, "random")
   with pytest.raises(ValueError, match="num_train"):
-    omniglot.split_indices(np.ones(10, bool), "maml")
+    omniglot_data.split_indices(np.ones(10, bool), "maml")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,7 +561,7 @@ def test_sampler_errors():
 
 def test_real_archive(tmp_path, real_tarball):
   t0 = time.perf_counter()
-  data = omniglot.load_omniglot(real_tarball, tmp_path / "cache")
+  data = omniglot_data.load_omniglot(real_tarball, tmp_path / "cache")
   first = time.perf_counter() - t0
   assert data.images.shape == (1623, 20, 28, 28) and data.images.dtype == np.uint8
   assert int(data.is_background.sum()) == 964
@@ -557,12 +579,12 @@ def test_real_archive(tmp_path, real_tarball):
         break
   np.testing.assert_array_equal(data.images[0], np.stack([first_char[k] for k in sorted(first_char)]))
   t0 = time.perf_counter()
-  again = omniglot.load_omniglot(real_tarball, tmp_path / "cache")
+  again = omniglot_data.load_omniglot(real_tarball, tmp_path / "cache")
   cached = time.perf_counter() - t0
   np.testing.assert_array_equal(again.images, data.images)
   assert cached < 5.0 and cached < first / 3, (first, cached)
-  train, test = omniglot.split_omniglot(data)
+  train, test = omniglot_data.split_omniglot(data)
   assert train.shape == (1200, 20, 28, 28) and test.shape == (423, 20, 28, 28)
-  train, test = omniglot.split_omniglot(data, "lake")
+  train, test = omniglot_data.split_omniglot(data, "lake")
   assert train.shape[0] == 964 and test.shape[0] == 659
   print(f"real Omniglot: first load {first:.1f} s, cached load {cached:.2f} s")
