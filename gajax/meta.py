@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gajax import aggregators
 from gajax.algorithms import MetaLearner, per_task
 from gajax.tasks.base import Task
 
@@ -41,11 +42,6 @@ class MetaState(NamedTuple):
 def init_state(key: jax.Array, params: PyTree, tx: optax.GradientTransformation) -> MetaState:
   """A fresh :class:`MetaState` at step 0."""
   return MetaState(jnp.zeros((), jnp.int32), params, tx.init(params), key)
-
-
-def agreement_weights_of(opt_state: optax.OptState) -> jax.Array | None:
-  """The last agreement weights stored anywhere in ``opt_state``, or ``None`` if there are none."""
-  return optax.tree_utils.tree_get(opt_state, "weights", default=None)
 
 
 def task_mesh(num_devices: int | None = None, axis_name: str = "tasks") -> Mesh:
@@ -91,7 +87,9 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     aggregator keeps them, ``weights`` (``[T]``), ``weight_min``, ``weight_max`` and
     ``weight_negative`` (count), and
     ``skipped_tasks`` (non-finite tasks dropped by :func:`gajax.aggregators.skip_nonfinite_tasks`;
-    when it equals ``num_tasks`` the step leaves parameters and optimiser state unchanged).
+    when it equals ``num_tasks`` a guard around the whole chain leaves parameters and optimiser state
+    unchanged). Aggregator state is read through :func:`gajax.aggregators.task_weights` and
+    :func:`gajax.aggregators.skipped_tasks`, wherever in ``tx``'s state it sits.
   """
   if signal not in ("self", "displacement"):
     raise ValueError(f"make_meta_step: signal must be 'self' or 'displacement', got {signal!r}.")
@@ -110,14 +108,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
     step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, step_updates)
-    skipped = optax.tree_utils.tree_get(opt_state, "skipped", default=None)
-    if skipped is not None:
-      # Every task was non-finite: take no step at all (Adam's momentum alone would still move).
-      frozen = skipped >= num_tasks
-      # A lazily sized state entry (e.g. agreement weights without num_tasks) takes its new value.
-      params, opt_state = jax.tree_util.tree_map(
-          lambda old, new: jnp.where(frozen, old, new) if old.shape == new.shape else new,
-          (state.params, state.opt_state), (params, opt_state))
+    skipped = aggregators.skipped_tasks(opt_state)
     metrics = {
         "support_loss": jnp.mean(aux.support_loss),
         "adapted_support_loss": jnp.mean(aux.adapted_support_loss),
@@ -128,7 +119,7 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     }
     if skipped is not None:
       metrics["skipped_tasks"] = skipped.astype(jnp.float32)
-    weights = agreement_weights_of(opt_state)
+    weights = aggregators.task_weights(opt_state)
     if weights is not None and weights.shape[0]:
       metrics.update(weights=weights, weight_min=jnp.min(weights), weight_max=jnp.max(weights),
                      weight_negative=jnp.sum(weights < 0).astype(jnp.float32))
@@ -137,31 +128,14 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
   return meta_step
 
 
-def make_block(meta_step: Callable, block_size: int, *, scan: bool = True) -> Callable:
-  """``block_size`` meta-steps: ``(state, data) -> (state, metrics stacked [block_size])``.
+def make_block(meta_step: Callable, block_size: int) -> Callable:
+  """``block_size`` meta-steps in one ``lax.scan``: ``(state, data) -> (state, metrics stacked [block_size])``.
 
-  With ``scan=True`` the steps run in one ``lax.scan``: jit the result once and the host only sees a
-  state every ``block_size`` steps (fastest for small models). With ``scan=False`` the block is a
-  host loop over one jitted meta-step (the result is already compiled; do not jit it again). XLA's CPU
-  backend runs convolutions inside a ``while`` loop several times slower than at the top level of a
-  program (measured on Conv-4: BUILD.md), so Conv-4 with XLA's convolutions on CPU uses
-  ``scan=False`` (see :func:`gajax.train.uses_host_loops`).
+  Jit the result once; the host then sees a state only every ``block_size`` steps.
   """
-  if scan:
-    def block(state, data=None):
-      return jax.lax.scan(lambda s, _: meta_step(s, data), state, None, length=block_size)
-    return block
-
-  step = jax.jit(meta_step)
-
-  def host_block(state, data=None):
-    rows = []
-    for _ in range(block_size):
-      state, metrics = step(state, data)
-      rows.append(metrics)
-    return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
-
-  return host_block
+  def block(state, data=None):
+    return jax.lax.scan(lambda s, _: meta_step(s, data), state, None, length=block_size)
+  return block
 
 
 def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -174,17 +148,16 @@ def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.mean(values), 1.96 * std / jnp.sqrt(n)
 
 
-def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *, chunk_size: int = 100,
-                  scan: bool = True) -> Callable[[PyTree, jax.Array], jax.Array]:
+def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
+                  chunk_size: int = 100) -> Callable[[PyTree, jax.Array], jax.Array]:
   """Builds ``evaluate(params, key, data=None) -> per-task metric [num_tasks]`` on unseen tasks.
 
   ``data`` is handed to ``task.eval_sample`` (pass ``task.eval_data``).
   Each task: adapt on its support set with ``learner.adapt``, then ``task.metric_fn`` on its query
   set. Tasks are processed ``chunk_size`` at a time (``vmap``) to bound memory, the chunks inside one
-  ``lax.map`` (``scan=True``; jit the result) or in a host loop over a jitted chunk (``scan=False``,
-  for convolutional models, see :func:`make_block`). Every chunk draws its tasks from its own key, so
-  the tasks depend on ``key``, ``num_tasks`` and ``chunk_size`` only: two models evaluated with the
-  same key see the same tasks. Summarise the result with :func:`mean_ci95`.
+  ``lax.map`` (jit the result). Every chunk draws its tasks from its own key, so the tasks depend on
+  ``key``, ``num_tasks`` and ``chunk_size`` only: two models evaluated with the same key see the same
+  tasks. Summarise the result with :func:`mean_ci95`.
   """
   if num_tasks < 1:
     raise ValueError(f"evaluate: num_tasks must be >= 1, got {num_tasks}.")
@@ -198,16 +171,8 @@ def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *, chunk_siz
     support, query = task.eval_sample(k, chunk_size, data)
     return jax.vmap(one_task, in_axes=(None, 0, 0))(params, support, query)
 
-  if scan:
-    def evaluate(params, key, data=None):
-      values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))
-      return jnp.reshape(values, (-1,))[:num_tasks]
-    return evaluate
+  def evaluate(params, key, data=None):
+    values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))
+    return jnp.reshape(values, (-1,))[:num_tasks]
 
-  jitted_chunk = jax.jit(chunk)
-
-  def host_evaluate(params, key, data=None):
-    values = [jitted_chunk(params, k, data) for k in jax.random.split(key, num_chunks)]
-    return jnp.concatenate(values)[:num_tasks]
-
-  return host_evaluate
+  return evaluate

@@ -1,6 +1,10 @@
 """Compares algorithms x aggregators x agreement signals over several seeds and prints one table.
 
-    python scripts/compare.py --algorithms=maml,reptile --aggregators=mean,agreement --seeds=5
+    python scripts/compare.py --config=configs/sinusoid.py --algorithms=maml,reptile \
+        --aggregators=mean,agreement --seeds=5
+
+The shared settings come from --config (a protocol under configs/) and --config.<field> overrides;
+the algorithm, aggregator and signal of each row from the flags below (the config's own are ignored).
 
 Every seed of a row is trained inside one jit (vmap over seeds); all rows share the seeds, so seed s
 sees the same initialisation, training tasks and evaluation tasks in every row. The table gives the
@@ -20,9 +24,9 @@ from absl import app, flags
 import _cli
 from scipy import stats
 
-from gajax.train import TrainConfig, run_seeds
+from gajax.train import run_seeds
 
-_D = TrainConfig()
+_cli.define_config()
 flags.DEFINE_list("algorithms", ["maml"], "Algorithms to compare.")
 flags.DEFINE_list("aggregators", ["mean", "agreement"], "Aggregators to compare.")
 flags.DEFINE_list("signals", ["self"], "Agreement signals: self and/or displacement (applied to "
@@ -32,14 +36,6 @@ flags.DEFINE_string("json", None, "Write the results here as JSON.")
 flags.DEFINE_string("workdir", None, "Checkpoint each row under <workdir>/<algorithm>_<aggregator>_<signal> "
                     "(every --checkpoint_every steps); rerunning resumes every row where it stopped.")
 flags.DEFINE_integer("checkpoint_every", 2000, "Meta-steps between checkpoints (with --workdir).")
-for field in dataclasses.fields(TrainConfig):
-  if field.name in ("algorithm", "aggregator", "signal", "seed"):
-    continue
-  default = getattr(_D, field.name)
-  kind = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-          str: flags.DEFINE_string}.get(
-      type(default), flags.DEFINE_integer)
-  kind(field.name, default, f"As in scripts/train.py (default {default}).")
 FLAGS = flags.FLAGS
 
 
@@ -64,16 +60,17 @@ def main(argv):
   _cli.start(argv)
   if FLAGS.seeds < 1:
     sys.exit(f"error: --seeds must be >= 1; got {FLAGS.seeds}.")
-  shared = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)
-            if f.name not in ("algorithm", "aggregator", "signal", "seed")}
+  base = _cli.load_config()
+  shared = {k: v for k, v in base.to_dict().items()
+            if k not in ("algorithm", "aggregator", "signal", "seed")}
   seeds = list(range(FLAGS.seeds))
   results = []
   for algorithm, aggregator, signal in rows_to_run():
     try:
-      config = TrainConfig(algorithm=algorithm, aggregator=aggregator, signal=signal,
-                           **shared).validate()
+      config = dataclasses.replace(base, algorithm=algorithm, aggregator=aggregator,
+                                   signal=signal).validate()
     except ValueError as e:
-      sys.exit(f"error: {e}")
+      sys.exit(f"error: config: {e}")
     print(f"{algorithm} / {aggregator} / {signal}: {FLAGS.seeds} seeds", flush=True)
     workdir = (os.path.join(FLAGS.workdir, f"{algorithm}_{aggregator}_{signal}") if FLAGS.workdir
                else None)
@@ -105,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -1,6 +1,10 @@
 """Does gradient agreement protect against harmful tasks? Aggregators under corrupted meta-batches.
 
     python scripts/corruption_benchmark.py --json=results/corruption.json --figure=docs/corruption.png
+    python scripts/corruption_benchmark.py --config=configs/omniglot.py:5w1s_short --seeds=2 ...
+
+The shared settings come from --config (default: configs/sinusoid.py:corruption) and its
+--config.<field> overrides; each row sets the aggregator, the signal and the corruption.
 
 A fraction p of the tasks of every training meta-batch is corrupted (gajax.tasks.corruption: noise
 targets, x10 amplitude outliers, sign-flipped query targets on sinusoids; shuffled or permuted query
@@ -37,8 +41,9 @@ from gajax.train import TrainConfig, run_seeds
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-_D = TrainConfig()
-flags.DEFINE_string("task", "sinusoid", "sinusoid or omniglot.")
+_cli.define_config(os.path.join(_cli.CONFIGS, "sinusoid.py") + ":corruption",
+                   "The shared settings: a protocol under configs/ (path[:protocol]) and "
+                   "--config.<field> overrides. Default: configs/sinusoid.py:corruption.")
 flags.DEFINE_list("corruptions", None, "Corruptions (default: noise,amplitude,sign_flip for sinusoid; "
                   "permute_labels for omniglot).")
 flags.DEFINE_list("fractions", ["0", "0.1", "0.2", "0.4"], "Corrupted shares of each meta-batch.")
@@ -46,13 +51,6 @@ flags.DEFINE_list("aggregators", ["mean", "agreement", "agreement:displacement",
                                   "trimmed_mean", "krum", "pcgrad", "upgrad", "mgda"],
                   "Aggregators; NAME:displacement takes agreement weights from the inner displacement.")
 flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1, trained together.")
-flags.DEFINE_string("algorithm", "maml", "Base algorithm.")
-flags.DEFINE_integer("meta_batch_size", 10, "Tasks per meta-step.")
-flags.DEFINE_integer("num_iterations", 2000, "Meta-steps per run.")
-flags.DEFINE_integer("eval_tasks", 500, "Clean evaluation tasks per seed.")
-flags.DEFINE_integer("log_every", 500, "Meta-steps per compiled block and progress line.")
-flags.DEFINE_string("overrides", "", "More TrainConfig settings, as name=value pairs separated by "
-                    "commas (e.g. 'ways=5,shots=1,inner_lr=0.4,inner_steps=1,data_dir=...').")
 flags.DEFINE_string("json", None, "Results file (required): rows are added as they finish; a rerun "
                     "resumes from it.")
 flags.DEFINE_string("figure", None, "Write the figure here (PNG).")
@@ -62,29 +60,19 @@ flags.DEFINE_string("workdir", None, "Also checkpoint each row's training under 
 flags.DEFINE_integer("checkpoint_every", 500, "Meta-steps between checkpoints (with --workdir).")
 FLAGS = flags.FLAGS
 
+_PER_ROW = ("aggregator", "signal", "corrupt_fraction", "corruption", "seed")
 DEFAULT_CORRUPTIONS = {"sinusoid": ["noise", "amplitude", "sign_flip"], "omniglot": ["permute_labels"]}
 
 
-def parse_overrides(text):
-  """'a=1,b=x' -> {'a': 1, 'b': 'x'}, typed like TrainConfig's fields; ValueError naming the bad one."""
-  fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-  out = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    name, sep, value = item.partition("=")
-    if not sep or name not in fields:
-      raise ValueError(f"--overrides: {item!r} is not name=value with a TrainConfig field name.")
-    default = getattr(_D, name)
-    kind = type(default) if default is not None else int
-    try:
-      out[name] = (value.lower() in ("1", "true")) if kind is bool else kind(value)
-    except ValueError as e:
-      raise ValueError(f"--overrides: {name}={value!r} is not a {kind.__name__}.") from e
-  return out
+# Settings that do not change a row's result (where the data is, how often progress is printed).
+_NOT_RESULTS = ("data_dir", "log_every", "eval_every", "num_devices", "conv_impl")
 
 
 def _comparable(settings):
-  """Settings that change the results (the data's location does not)."""
-  return {k: v for k, v in settings.items() if k != "data_dir"}
+  """Settings that change the results; one absent from an older file had its default then."""
+  defaults = TrainConfig().to_dict()
+  return {k: settings.get(k, defaults.get(k)) for k in set(settings) | set(defaults)
+          if k not in _NOT_RESULTS + _PER_ROW}
 
 
 def row_key(corruption, fraction, aggregator):
@@ -155,30 +143,28 @@ def main(argv):
   _cli.start(argv)
   if not FLAGS.json:
     sys.exit("error: --json is required (it holds the rows and lets a rerun resume).")
-  if FLAGS.task not in DEFAULT_CORRUPTIONS:
-    sys.exit(f"error: --task must be one of {', '.join(DEFAULT_CORRUPTIONS)}; got {FLAGS.task!r}.")
+  base = _cli.load_config()
+  if base.task not in DEFAULT_CORRUPTIONS:
+    sys.exit(f"error: config: task must be one of {', '.join(DEFAULT_CORRUPTIONS)}; got {base.task!r}.")
   if FLAGS.seeds < 2:
     sys.exit(f"error: --seeds must be >= 2 for intervals over seeds; got {FLAGS.seeds}.")
-  corruptions = FLAGS.corruptions or DEFAULT_CORRUPTIONS[FLAGS.task]
+  corruptions = FLAGS.corruptions or DEFAULT_CORRUPTIONS[base.task]
   try:
     fractions = sorted({float(f) for f in FLAGS.fractions})
-    overrides = parse_overrides(FLAGS.overrides)
   except ValueError as e:
-    sys.exit(f"error: {e}" if str(e).startswith("--") else f"error: --fractions: {e}")
+    sys.exit(f"error: --fractions: {e}")
   if "mean" not in FLAGS.aggregators:
     sys.exit("error: --aggregators must include mean (the baseline of the paired differences).")
-  settings = dict(task=FLAGS.task, algorithm=FLAGS.algorithm, meta_batch_size=FLAGS.meta_batch_size,
-                  num_iterations=FLAGS.num_iterations, eval_tasks=FLAGS.eval_tasks,
-                  log_every=FLAGS.log_every, **overrides)
+  settings = {k: v for k, v in base.to_dict().items() if k not in _PER_ROW}
   configs = {}
   for corruption, fraction, aggregator in plan(corruptions, fractions, FLAGS.aggregators):
     name, _, signal = aggregator.partition(":")
     try:
-      configs[row_key(corruption, fraction, aggregator)] = TrainConfig(
-          **settings, aggregator=name, signal=signal or "self", corrupt_fraction=fraction,
+      configs[row_key(corruption, fraction, aggregator)] = dataclasses.replace(
+          base, aggregator=name, signal=signal or "self", corrupt_fraction=fraction,
           corruption=corruption).validate()
-    except (ValueError, TypeError) as e:
-      sys.exit(f"error: {e}")
+    except ValueError as e:
+      sys.exit(f"error: config: {e}")
 
   results, saved = {}, {}
   if os.path.exists(FLAGS.json):
@@ -212,7 +198,7 @@ def main(argv):
     os.replace(tmp, FLAGS.json)
   metric = next(iter(results.values()))["metric"] if results else "metric"
   print(f"\n{command}\n(settings: {json.dumps(settings)}; seeds 0-{FLAGS.seeds - 1}; each seed's "
-        f"metric over {FLAGS.eval_tasks} clean tasks)\n")
+        f"metric over {base.eval_tasks} clean tasks)\n")
   print(table(results, corruptions, fractions, FLAGS.aggregators, metric))
   if FLAGS.figure:
     figure(results, corruptions, fractions, FLAGS.aggregators, metric, FLAGS.figure)
@@ -220,4 +206,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -11,13 +11,15 @@ import json
 import os
 import sys
 
+import jax
 from absl import app, flags
 
 import _cli
 
 from gajax import meta
 from gajax.checkpoint import Checkpointer
-from gajax.train import TrainConfig, make_experiment, make_jit, seed_keys
+from gajax.experiment import make_experiment, seed_keys
+from gajax.workdir import atomic_write, load_config
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("eval_tasks", None, "Unseen tasks (default: the run's --eval_tasks).")
@@ -33,11 +35,10 @@ def main(argv):
   _cli.start(argv)
   if not FLAGS.workdir:
     sys.exit("error: --workdir is required.")
-  config_path = os.path.join(FLAGS.workdir, "config.json")
-  if not os.path.exists(config_path):
-    sys.exit(f"error: {config_path} not found; is {FLAGS.workdir} a training workdir?")
-  with open(config_path) as f:
-    config = TrainConfig(**json.load(f))
+  try:
+    config = load_config(FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   overrides = {name: FLAGS[name].value for name in ("eval_tasks", "eval_inner_steps", "eval_queries",
                                                     "data_dir") if FLAGS[name].value is not None}
   try:
@@ -47,20 +48,17 @@ def main(argv):
     state, _ = checkpointer.restore(exp.init(seed_keys(config.seed)[0]), FLAGS.step)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  values = make_jit(exp.config, exp.evaluate)(state.params, seed_keys(config.seed)[1],
+  values = jax.jit(exp.evaluate)(state.params, seed_keys(config.seed)[1],
                                             exp.task.eval_data)
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
-            "config": dataclasses.asdict(config)}
+            "config": config.to_dict()}
   output = FLAGS.output or os.path.join(FLAGS.workdir, "eval.json")
-  tmp = f"{output}.tmp"  # written whole, then renamed: an interrupted write leaves the old file
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, output)
+  atomic_write(output, json.dumps(result, indent=2))
   print(f"eval at step {result['steps']}: {result['metric']} {result['mean']:.4f} ± "
         f"{result['ci95']:.4f} (95% CI over {result['num_tasks']} unseen tasks) -> {output}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_cli.parse_flags)

@@ -10,13 +10,15 @@
 #
 # Results go to $OUT (default /tmp/gajax_gpu). The Omniglot phase reads the archive from
 # $GAJAX_DATA_DIR (default .gpu/omniglot.tar.gz) and its decoded cache from $GAJAX_CACHE_DIR
-# (default .gpu/cache): copy both there before carrying .gpu to the machine.
+# (default .gpu/cache): copy both there before carrying .gpu to the machine. The machine's python3 has
+# no ml_collections (the scripts' --config): `pip install --no-deps --target .gpu/site ml-collections`
+# here (pure Python; its PyYAML comes with flax there), and .gpu/site goes on PYTHONPATH below.
 # Knobs: BENCH_S (benchmark time limit, s), TRAIN_MIN (training minutes per run), DEADLINE_S (the
 # schedule phase's whole wall-clock budget, s), QUICK=1 (tiny sizes: checks this script on a CPU).
 set -u
 OUT=${OUT:-/tmp/gajax_gpu}
 mkdir -p "$OUT"
-export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH=.:$PWD/.gpu/site PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export GAJAX_DATA_DIR=${GAJAX_DATA_DIR:-$PWD/.gpu/omniglot.tar.gz}
 export GAJAX_CACHE_DIR=${GAJAX_CACHE_DIR:-$PWD/.gpu/cache}
 PY=${PY:-python3}
@@ -46,23 +48,23 @@ bench)
     | quiet | tee "$OUT/bench_log.txt"
   ;;
 omniglot)
-  # MAML's settings (README): 5-way 1-shot meta-batch 32, 1 inner step at 0.4 (3 at test); 20-way
-  # 1-shot meta-batch 16, 5 inner steps at 0.1. All four runs share the GPU, each for TRAIN_MIN
-  # minutes of training, then 600 unseen test tasks.
+  # MAML's settings (configs/omniglot.py): 5-way 1-shot meta-batch 32, 1 inner step at 0.4 (3 at
+  # test); 20-way 1-shot meta-batch 16, 5 inner steps at 0.1. All four runs share the GPU, each for
+  # TRAIN_MIN minutes of training, then 600 unseen test tasks.
   minutes=${TRAIN_MIN:-6}
-  common=(--task=omniglot --queries=1 --shots=1 --num_iterations=60000 --eval_tasks=600
-          --eval_every=2500 --max_train_minutes="$minutes" --overwrite)
+  common=(--max_train_minutes="$minutes" --overwrite)
   if [ "$QUICK" = 1 ]; then
-    common+=(--eval_tasks=20 --eval_every=2 --log_every=2 --num_iterations=4)
+    common+=(--config.eval_tasks=20 --config.eval_every=2 --config.log_every=2
+             --config.num_iterations=4)
   fi
-  five=(--ways=5 --meta_batch_size=32 --inner_steps=1 --inner_lr=0.4 --eval_inner_steps=3)
-  twenty=(--ways=20 --meta_batch_size=16 --inner_steps=5 --inner_lr=0.1)
+  five=(--config=configs/omniglot.py:5w1s)
+  twenty=(--config=configs/omniglot.py:20w1s)
   runs="$OUT/runs"
   mkdir -p "$runs"
   for agg in mean agreement; do
-    $PY scripts/train.py "${common[@]}" "${five[@]}" --aggregator=$agg --workdir="$runs/5w1s_$agg" \
-      > "$runs/5w1s_$agg.log" 2>&1 &
-    $PY scripts/train.py "${common[@]}" "${twenty[@]}" --aggregator=$agg \
+    $PY scripts/train.py "${five[@]}" "${common[@]}" --config.aggregator=$agg \
+      --workdir="$runs/5w1s_$agg" > "$runs/5w1s_$agg.log" 2>&1 &
+    $PY scripts/train.py "${twenty[@]}" "${common[@]}" --config.aggregator=$agg \
       --workdir="$runs/20w1s_$agg" > "$runs/20w1s_$agg.log" 2>&1 &
   done
   wait
@@ -81,10 +83,8 @@ schedule)
   deadline=$((t0 + ${DEADLINE_S:-550}))
   schedule=${SCHEDULE:-5w1s}
   case "$schedule" in
-    5w1s) shape=(--ways=5 --meta_batch_size=32 --inner_steps=1 --inner_lr=0.4 --eval_inner_steps=3)
-          cfg=omni5w_stride other=omni20w_stride ;;
-    20w1s) shape=(--ways=20 --meta_batch_size=16 --inner_steps=5 --inner_lr=0.1)
-           cfg=omni20w_stride other=omni5w_stride ;;
+    5w1s) cfg=omni5w_stride other=omni20w_stride ;;
+    20w1s) cfg=omni20w_stride other=omni5w_stride ;;
     *) echo "SCHEDULE must be 5w1s or 20w1s; got $schedule" >&2; exit 2 ;;
   esac
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
@@ -120,10 +120,10 @@ print(best["conv"], plan, f"{max(left, 60) / 60:.2f}")
 PYEOF
 )"
   echo "plan: conv=$conv, $plan, --max_train_minutes=$minutes" | tee -a "$OUT/summary.txt"
-  common=(--task=omniglot --queries=1 --shots=1 "${shape[@]}" --num_iterations=$steps
-          --eval_tasks=600 --eval_every=5000 --conv_impl="$conv" --max_train_minutes="$minutes")
+  common=(--config=configs/omniglot.py:$schedule --config.num_iterations=$steps
+          --config.eval_every=5000 --config.conv_impl="$conv" --max_train_minutes="$minutes")
   if [ "$QUICK" = 1 ]; then
-    common+=(--eval_tasks=20 --eval_every=2 --log_every=2)
+    common+=(--config.eval_tasks=20 --config.eval_every=2 --config.log_every=2)
   fi
   runs="$OUT/runs"
   mkdir -p "$runs"
@@ -136,7 +136,7 @@ PYEOF
       cp -r ".gpu/runs/$name" "$runs/" && fresh=()
       [ -f ".gpu/runs/$name.log" ] && cp ".gpu/runs/$name.log" "$runs/"
     fi
-    $PY scripts/train.py "${common[@]}" "${fresh[@]}" --aggregator=$agg --workdir="$runs/$name" \
+    $PY scripts/train.py "${common[@]}" "${fresh[@]}" --config.aggregator=$agg --workdir="$runs/$name" \
       >> "$runs/$name.log" 2>&1 &
   done
   wait

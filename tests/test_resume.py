@@ -17,9 +17,10 @@ from gajax.checkpoint import Checkpointer
 from gajax.train import TrainConfig, make_experiment, run_seeds, seed_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--task=binary", "--algorithm=maml", "--aggregator=agreement", "--inner_steps=2",
-         "--inner_lr=0.5", "--meta_batch_size=4", "--num_iterations=40", "--log_every=4",
-         "--checkpoint_every=8", "--eval_tasks=30"]
+FLAGS = [f"--config={ROOT / 'configs' / 'binary.py'}", "--config.algorithm=maml", "--config.aggregator=agreement",
+         "--config.inner_steps=2", "--config.inner_lr=0.5", "--config.meta_batch_size=4",
+         "--config.num_iterations=40", "--config.log_every=4", "--checkpoint_every=8",
+         "--config.eval_tasks=30"]
 CONFIG = TrainConfig(task="binary", algorithm="maml", aggregator="agreement", inner_steps=2,
                      inner_lr=0.5, meta_batch_size=4, num_iterations=40, log_every=4, eval_tasks=30)
 
@@ -70,16 +71,16 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 
 def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path):
-  base = [sys.executable, str(ROOT / "scripts" / "train.py"), "--task=binary", "--inner_steps=1",
-          "--num_iterations=2", "--log_every=2", "--eval_tasks=5", "--meta_batch_size=2",
-          f"--workdir={tmp_path}"]
+  base = [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={ROOT / 'configs' / 'binary.py'}",
+          "--config.inner_steps=1", "--config.num_iterations=2", "--config.log_every=2",
+          "--config.eval_tasks=5", "--config.meta_batch_size=2", f"--workdir={tmp_path}"]
   subprocess.run(base, check=True, capture_output=True, env=env(), timeout=300)
-  refused = subprocess.run(base + ["--inner_lr=0.3"], capture_output=True, text=True, env=env(),
-                           timeout=300)
+  refused = subprocess.run(base + ["--config.inner_lr=0.3"], capture_output=True, text=True,
+                           env=env(), timeout=300)
   assert refused.returncode != 0
   assert "holds a run with other settings (inner_lr" in refused.stderr.strip().splitlines()[-1]
-  again = subprocess.run(base + ["--inner_lr=0.3", "--overwrite"], capture_output=True, text=True,
-                         env=env(), timeout=300)
+  again = subprocess.run(base + ["--config.inner_lr=0.3", "--overwrite"], capture_output=True,
+                         text=True, env=env(), timeout=300)
   assert again.returncode == 0, again.stderr[-2000:]
   assert json.loads((tmp_path / "eval.json").read_text())["config"]["inner_lr"] == 0.3
 
@@ -108,7 +109,7 @@ def test_time_budget_checkpoints_evaluates_and_resumes(tmp_path):
 def test_time_budget_must_be_positive(tmp_path):
   from gajax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
-  with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
+  with pytest.raises(ValueError, match="max_train_seconds must be > 0"):
     train_and_evaluate(CONFIG, str(tmp_path / "w"), max_train_seconds=0.0)
 
 
@@ -134,7 +135,7 @@ def test_a_workdir_in_use_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path
        "with workdir_lock(sys.argv[1]):\n  print('locked', flush=True)\n  time.sleep(120)", str(tmp_path)],
       stdout=subprocess.PIPE, text=True, env=env())
   assert holder.stdout.readline().strip() == "locked"
-  short = [*command(tmp_path)[:-1], "--num_iterations=4", f"--workdir={tmp_path}"]
+  short = [*command(tmp_path)[:-1], "--config.num_iterations=4", f"--workdir={tmp_path}"]
   refused = subprocess.run(short, capture_output=True, text=True, env=env(), timeout=300)
   assert refused.returncode != 0
   assert f"is in use by another run (pid {holder.pid})" in refused.stderr.strip().splitlines()[-1]

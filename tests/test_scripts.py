@@ -19,8 +19,9 @@ def run_script(name, *args, timeout=300, **env_vars):
 
 
 def test_train_writes_metrics_and_eval(tmp_path):
-  result = run_script("train.py", "--num_iterations=7", "--log_every=4", "--eval_tasks=20",
-                      "--meta_batch_size=4", "--eval_every=4", f"--workdir={tmp_path}")
+  result = run_script("train.py", "--config.num_iterations=7", "--config.log_every=4",
+                      "--config.eval_tasks=20", "--config.meta_batch_size=4", "--config.eval_every=4",
+                      f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "it/s" in result.stdout
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -50,11 +51,12 @@ def test_omniglot_train_and_evaluate(tmp_path, real_tarball):
   """The Omniglot path end to end: real archive, Meta-SGD (the one with learned inner rates), agreement."""
   cache = str(tmp_path / "cache")  # not the user's ~/.cache
   run = tmp_path / "run"
-  result = run_script("train.py", "--task=omniglot", f"--data_dir={real_tarball}", "--ways=5",
-                      "--shots=1", "--queries=2", "--eval_queries=3", "--meta_batch_size=2",
-                      "--inner_steps=1", "--eval_inner_steps=2", "--algorithm=metasgd",
-                      "--aggregator=agreement", "--num_iterations=2", "--eval_every=1",
-                      "--eval_tasks=12", "--log_every=1", f"--workdir={run}", GAJAX_CACHE_DIR=cache)
+  result = run_script("train.py", "--config=configs/omniglot.py:5w1s",
+                      f"--config.data_dir={real_tarball}", "--config.queries=2", "--config.eval_queries=3", "--config.meta_batch_size=2",
+                      "--config.eval_inner_steps=2", "--config.algorithm=metasgd",
+                      "--config.aggregator=agreement", "--config.num_iterations=2",
+                      "--config.eval_every=1", "--config.eval_tasks=12", "--config.log_every=1",
+                      f"--workdir={run}", GAJAX_CACHE_DIR=cache)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "eval_mean" in r] == [1, 2]  # blocks of 1: one compile
@@ -80,37 +82,44 @@ def test_evaluate_rejects_a_folder_without_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--shots=0", "--shots must be >= 1"),
-    ("--inner_lr=-1", "--inner_lr must be"),
-    ("--algorithm=foo", "--algorithm must be one of"),
-    ("--aggregator=nope", "--aggregator must be one of"),
-    ("--task=imagenet", "--task must be one of"),
-    ("--init=kaiming", "--init must be one of flax, torch, maml"),
+    ("--config.shots=0", "config: shots must be >= 1"),
+    ("--config.inner_lr=-1", "config: inner_lr must be"),
+    ("--config.algorithm=foo", "config: algorithm must be one of"),
+    ("--config.aggregator=nope", "config: aggregator must be one of"),
+    ("--config.task=imagenet", "config: task must be one of"),
+    ("--config.init=kaiming", "config: init must be one of flax, torch, maml"),
+    ("--config.bogus=1", "no such config field bogus"),  # unknown field
+    ("--config.num_iterations=ten", "--config.num_iterations=ten: invalid literal"),  # ill-typed
+    ("--config.num_iterations=1.5", "--config.num_iterations=1.5"),  # a float for an int
+    ("--config=configs/omniglot.py:7w1s", "has no protocol '7w1s'"),
+    ("--config=configs/nope.py", "no such config file"),
+    ("--num_iterations=10", "Unknown command line flag 'num_iterations'"),  # the old flat flags
 ])
 def test_train_rejects_bad_flags_with_one_line(flag, message, tmp_path):
   result = run_script("train.py", flag, f"--workdir={tmp_path}")
   assert result.returncode != 0
-  last = result.stderr.strip().splitlines()[-1]
-  assert message in last and "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_diagnose_init_reports_each_scheme(tmp_path):
   out = tmp_path / "diag.json"
-  result = run_script("diagnose_init.py", "--inits=flax,torch", "--seeds=1", "--meta_batch_size=3",
-                      "--power_iters=3", f"--json={out}")
+  result = run_script("diagnose_init.py", "--inits=flax,torch", "--seeds=1",
+                      "--config.meta_batch_size=3", "--power_iters=3", f"--json={out}")
   assert result.returncode == 0, result.stderr[-2000:]
   rows = json.loads(out.read_text())["rows"]
   assert [r["init"] for r in rows] == ["flax", "torch"] and all(r["tasks"] == 3 for r in rows)
   assert all(0 <= r["share_inner_loop_worse"] <= 1 and r["median_lambda_max"] > 0 for r in rows)
   assert "| flax |" in result.stdout
   bad = run_script("diagnose_init.py", "--inits=kaiming")
-  assert bad.returncode != 0 and "--init must be one of" in bad.stderr.strip().splitlines()[-1]
+  assert bad.returncode != 0 and "init must be one of" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_corruption_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
   out, fig = tmp_path / "grid.json", tmp_path / "grid.png"
-  args = ["--seeds=2", "--num_iterations=4", "--log_every=2", "--eval_tasks=10", "--meta_batch_size=4",
-          "--fractions=0,0.5", "--corruptions=amplitude", "--aggregators=mean,agreement:displacement",
+  args = ["--seeds=2", "--config.num_iterations=4", "--config.log_every=2", "--config.eval_tasks=10",
+          "--config.meta_batch_size=4", "--fractions=0,0.5", "--corruptions=amplitude", "--aggregators=mean,agreement:displacement",
           f"--json={out}"]
   first = run_script("corruption_benchmark.py", *args, f"--figure={fig}")
   assert first.returncode == 0, first.stderr[-2000:]
@@ -123,5 +132,5 @@ def test_corruption_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
   again = run_script("corruption_benchmark.py", *args)  # nothing left to train: resumes, prints
   assert again.returncode == 0 and "resuming: 4 rows" in again.stdout
   assert json.loads(out.read_text())["rows"] == rows
-  other = run_script("corruption_benchmark.py", *args[:-1], "--num_iterations=5", f"--json={out}")
+  other = run_script("corruption_benchmark.py", *args[:-1], "--config.num_iterations=5", f"--json={out}")
   assert other.returncode != 0 and "other settings" in other.stderr.strip().splitlines()[-1]

@@ -27,5 +27,6 @@ from gajax.aggregators.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from gajax.aggregators.random import random, random_weights  # pylint: disable=redefined-builtin
 from gajax.aggregators.registry import get, names
 from gajax.aggregators.skip_nonfinite import SkipNonfiniteState, finite_tasks, skip_nonfinite_tasks
+from gajax.aggregators.state import skipped_tasks, task_weights, with_key
 from gajax.aggregators.trimmed_mean import trimmed_mean
 from gajax.aggregators.upgrad import upgrad, upgrad_weights

@@ -38,15 +38,21 @@ def _zero_rows(tree: PyTree, keep: jax.Array) -> PyTree:
 
 
 def skip_nonfinite_tasks(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Wraps an aggregator so that tasks whose update (or agreement signal) has a NaN/Inf get no weight.
+  """Wraps an aggregator, or a whole ``optax.chain(aggregator, optimiser)``, so that tasks whose update
+  (or agreement signal) has a NaN/Inf get no weight.
 
   Such tasks' rows are replaced by zeros before ``inner`` sees them, and ``inner`` receives the extra
-  argument ``task_mask`` (bool ``[T]``, true for kept tasks). ``mean``/``sum`` and
-  ``gradient_agreement`` renormalise over the kept tasks (the mean of the kept tasks; for agreement a
-  zero row already gets weight 0 and the L1 normalisation runs over the rest). Aggregators that do not
-  read ``task_mask`` see the dropped tasks as zero updates. The count of dropped tasks is kept in the
-  state (``skipped``) for logging. With every task dropped, the output is all zeros;
-  :func:`gajax.meta.make_meta_step` then leaves the parameters and optimiser state unchanged.
+  argument ``task_mask`` (bool ``[T]``, true for kept tasks; ``optax.chain`` hands it to every member).
+  ``mean``/``sum`` and ``gradient_agreement`` renormalise over the kept tasks (the mean of the kept
+  tasks; for agreement a zero row already gets weight 0 and the L1 normalisation runs over the rest).
+  Aggregators that do not read ``task_mask`` see the dropped tasks as zero updates. The count of
+  dropped tasks is kept in the state (read it with :func:`skipped_tasks`).
+
+  With every task dropped the step is skipped whole, in the manner of ``optax.apply_if_finite``: the
+  output is all zeros and ``inner``'s state stays as it was (an entry whose shape ``inner`` fixes only
+  on its first update, such as agreement weights built without ``num_tasks``, takes its new value).
+  Wrap the whole chain, as ``gajax.train.make_tx`` does, so that this also holds the optimiser's
+  moments still: wrapped around the aggregator alone, Adam's momentum would move the parameters.
   """
 
   def init_fn(params):
@@ -61,7 +67,13 @@ def skip_nonfinite_tasks(inner: optax.GradientTransformation) -> optax.GradientT
       extra_args["agreement_signal"] = _zero_rows(agreement_signal, keep)
     out, inner_state = inner.update(_zero_rows(updates, keep), state.inner, params, task_mask=keep,
                                     **extra_args)
+    none_kept = ~jnp.any(keep)
+    out = jax.tree_util.tree_map(lambda x: jnp.where(none_kept, jnp.zeros_like(x), x), out)
+    inner_state = jax.tree_util.tree_map(
+        lambda old, new: jnp.where(none_kept, old, new) if old.shape == new.shape else new,
+        state.inner, inner_state)
     skipped = (t - jnp.sum(keep)).astype(jnp.int32)
     return out, SkipNonfiniteState(inner_state, skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+

@@ -1,0 +1,169 @@
+"""Every setting of a training run, in one typed, validated dataclass.
+
+:class:`TrainConfig` is what the library runs (``gajax.train.make_experiment(config)``); the
+benchmark protocols that fill it in live as code under ``configs/`` at the top of the repository
+(``configs/omniglot.py:5w1s``, MAML's published settings, and so on), and the scripts load them with
+``--config=...`` and override single fields with ``--config.<field>=...``. This module knows nothing of
+the command line: its errors name the config's fields.
+
+Validation lives here and only here (:meth:`TrainConfig.validate`); the library functions a config
+is turned into check their own arguments, in their own terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Mapping
+
+from gajax import aggregators
+from gajax.models import CONV_IMPLS, INITS
+from gajax.tasks import corruption
+
+TASKS = ("sinusoid", "binary", "omniglot")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
+SIGNALS = ("self", "displacement")
+OPTIMIZERS = ("adam", "sgd")
+SPLITS = ("maml", "lake")
+DOWNSAMPLES = ("stride", "pool")
+
+
+def aggregator_names() -> tuple[str, ...]:
+  """Names accepted by ``TrainConfig.aggregator``: the registry's, and ``agreement`` for short."""
+  return aggregators.names() + ("agreement",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of a run. Defaults: the paper's sinusoid setting, sized for ~2 minutes on 2 CPU cores.
+
+  ``configs/sinusoid.py`` is exactly these defaults; ``configs/omniglot.py`` and ``configs/binary.py``
+  set the other protocols.
+  """
+  task: str = "sinusoid"
+  algorithm: str = "maml"
+  aggregator: str = "agreement"
+  signal: str = "self"
+  optimizer: str = "adam"
+  meta_batch_size: int = 25
+  inner_steps: int = 5
+  inner_lr: float = 0.01
+  outer_lr: float = 1e-3
+  num_iterations: int = 10_000
+  shots: int = 10
+  queries: int = 10
+  eval_queries: int | None = None  # None: 100 points for sinusoid/binary, `queries` for omniglot.
+  ways: int = 5  # omniglot only
+  data_dir: str = ""  # omniglot only; "" means $GAJAX_DATA_DIR
+  split: str = "maml"  # omniglot only
+  conv_downsample: str = "stride"  # omniglot only
+  conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
+  init: str = ""  # the model's initialisation (gajax.models.INITS); "": the task's default
+  corrupt_fraction: float = 0.0  # share of every training meta-batch's tasks that is corrupted
+  corruption: str = ""  # how (gajax.tasks.corruption.CORRUPTIONS); needed when corrupt_fraction > 0
+  eval_tasks: int = 1000
+  eval_inner_steps: int | None = None  # None: the training value.
+  eval_every: int = 0  # 0: evaluate only at the end.
+  log_every: int = 500
+  num_devices: int = 0  # shard the task axis over this many devices; 0: all local devices
+  skip_nonfinite: bool = True  # drop tasks whose update has NaN/Inf (and log how many)
+  seed: int = 0
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    """A config from plain values (a ``ConfigDict.to_dict()``, a run's ``config.json``).
+
+    Fields missing from ``values`` take their defaults (a run written before the field existed had
+    the default then). Not validated: call :meth:`validate`.
+
+    Raises:
+      ValueError: an unknown field, or a value of the wrong type (one line naming the field).
+    """
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+      raise ValueError(f"unknown config field(s) {', '.join(unknown)}; the fields are "
+                       f"{', '.join(hints)}.")
+    for name, value in values.items():
+      if not _has_type(value, hints[name]):
+        raise ValueError(f"config field {name} must be of type {_type_name(hints[name])}; "
+                         f"got {value!r}.")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def validate(self) -> "TrainConfig":
+    """Returns ``self`` or raises ``ValueError`` with a one-line message naming the bad field."""
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(msg)
+
+    def one_of(name, choices):
+      value = getattr(self, name)
+      need(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+    one_of("task", TASKS)
+    one_of("algorithm", ALGORITHMS)
+    one_of("aggregator", aggregator_names())
+    one_of("signal", SIGNALS)
+    need(self.signal == "self" or self.algorithm in ("maml", "fomaml", "metasgd"),
+         "signal='displacement' needs a MAML-family algorithm (for reptile the update already is "
+         "the displacement).")
+    one_of("optimizer", OPTIMIZERS)
+    one_of("split", SPLITS)
+    one_of("conv_downsample", DOWNSAMPLES)
+    one_of("conv_impl", CONV_IMPLS)
+    need(self.init in INITS + ("",),
+         f"init must be one of {', '.join(INITS)} (or empty for the task's default); "
+         f"got {self.init!r}.")
+    need(math.isfinite(self.corrupt_fraction) and 0 <= self.corrupt_fraction <= 1,
+         f"corrupt_fraction must be in [0, 1]; got {self.corrupt_fraction}.")
+    kinds = (corruption.REGRESSION_CORRUPTIONS if self.task == "sinusoid"
+             else corruption.LABEL_CORRUPTIONS)
+    need(self.corrupt_fraction == 0 or self.corruption in kinds,
+         f"corruption must be one of {', '.join(kinds)} for task={self.task} when "
+         f"corrupt_fraction > 0; got {self.corruption!r}.")
+    need(self.corruption in corruption.CORRUPTIONS + ("",),
+         f"corruption must be one of {', '.join(corruption.CORRUPTIONS)}; got {self.corruption!r}.")
+    need(not (self.init and self.task == "binary"),
+         "init applies to the sinusoid MLP and Omniglot's Conv-4, not to binary's logistic regression.")
+    need(self.eval_queries is None or self.eval_queries >= 1,
+         f"eval_queries must be >= 1; got {self.eval_queries}.")
+    need(self.task != "omniglot" or self.ways >= 2, f"ways must be >= 2; got {self.ways}.")
+    for name in ("meta_batch_size", "shots", "queries", "eval_tasks", "num_iterations", "log_every"):
+      need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}.")
+    need(self.aggregator not in ("trimmed_mean", "krum") or self.meta_batch_size >= 3,
+         f"aggregator={self.aggregator} needs meta_batch_size >= 3.")
+    need(self.inner_steps >= 0, f"inner_steps must be >= 0; got {self.inner_steps}.")
+    need(self.algorithm != "reptile" or self.inner_steps >= 1, "inner_steps must be >= 1 for reptile.")
+    need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,
+         f"eval_inner_steps must be >= 0; got {self.eval_inner_steps}.")
+    need(self.num_devices >= 0, f"num_devices must be >= 0; got {self.num_devices}.")
+    need(self.eval_every >= 0, f"eval_every must be >= 0; got {self.eval_every}.")
+    for name in ("inner_lr", "outer_lr"):
+      value = getattr(self, name)
+      need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0; got {value}.")
+    need(self.outer_lr > 0, f"outer_lr must be > 0; got {self.outer_lr}.")
+    return self
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    return any(_has_type(value, h) for h in typing.get_args(hint))
+  if hint is type(None):
+    return value is None
+  if hint is float:  # an int is a float; a bool is neither
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+  args = typing.get_args(hint)
+  if args:
+    return " or ".join(_type_name(a) for a in args)
+  return "None" if hint is type(None) else hint.__name__

@@ -1,0 +1,146 @@
+"""One factory from a :class:`~gajax.config.TrainConfig` to the pure pieces of a run.
+
+``make_experiment(config)`` builds the task, the learner, the optax chain and the meta-step, and
+returns them as an :class:`Experiment` of pure functions (``init``, ``step``, ``evaluate``) that can be
+``jit``-ed and ``vmap``-ed over seeds. Training (``gajax.train``), the scripts and the benchmarks all
+build their runs here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import optax
+
+from gajax import aggregators, algorithms, meta
+from gajax.config import TrainConfig
+from gajax.tasks import binary, corruption, sinusoid
+from gajax.tasks.base import Task
+
+# Where the aggregator's key is folded from the run's key (kept from earlier versions so that runs of
+# the random aggregators reproduce).
+_AGGREGATOR_STREAM = 7
+
+
+def make_aggregator(name: str, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+  """The aggregator called ``name`` with the settings runs use.
+
+  Sized for ``num_tasks`` where its state needs it (both agreements, GradVac); ``trimmed_mean`` cuts
+  one task at each end. Random ones (RLW, GradDrop) are built with a placeholder key that
+  :func:`make_experiment`'s ``init`` replaces by one derived from the run's key
+  (:func:`gajax.aggregators.with_key`).
+  """
+  canonical = aggregators.registry.canonical_name(name)
+  kwargs = {"gradient_agreement": {"num_tasks": num_tasks}, "cosine_agreement": {"num_tasks": num_tasks},
+            "gradvac": {"num_tasks": num_tasks},
+            "trimmed_mean": {"trim": 1}}.get(canonical, {})
+  if canonical in ("random", "graddrop"):
+    kwargs["key"] = jax.random.PRNGKey(0)
+  return aggregators.get(canonical, **kwargs)
+
+
+def make_task(config: TrainConfig) -> Task:
+  """The task distribution of ``config`` (Omniglot is loaded, through its cache, here)."""
+  init = {"init": config.init} if config.init else {}
+  if config.task == "omniglot":
+    from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
+    return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
+                              data_dir=config.data_dir or None, split=config.split,
+                              downsample=config.conv_downsample, conv=config.conv_impl, **init)
+  eval_queries = 100 if config.eval_queries is None else config.eval_queries
+  if config.task == "binary":
+    return binary.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
+  return sinusoid.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries,
+                            **init)
+
+
+def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -> algorithms.MetaLearner:
+  """The algorithm of ``config`` on ``loss_fn`` (``inner_steps``: override, e.g. for evaluation)."""
+  steps = config.inner_steps if inner_steps is None else inner_steps
+  if config.algorithm == "metasgd":
+    return algorithms.meta_sgd(loss_fn, inner_steps=steps)
+  if config.algorithm == "reptile":
+    return algorithms.reptile(loss_fn, inner_steps=steps, inner_lr=config.inner_lr)
+  return algorithms.maml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
+                         first_order=config.algorithm == "fomaml")
+
+
+def make_tx(config: TrainConfig) -> optax.GradientTransformation:
+  """``chain(aggregator, optimiser)``, inside a non-finite guard when ``config.skip_nonfinite``.
+
+  The guard wraps the whole chain so that a step in which every task is non-finite changes nothing,
+  not even the optimiser's moments (:func:`gajax.aggregators.skip_nonfinite_tasks`).
+  """
+  optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](config.outer_lr)
+  tx = optax.chain(make_aggregator(config.aggregator, config.meta_batch_size), optimizer)
+  return aggregators.skip_nonfinite_tasks(tx) if config.skip_nonfinite else tx
+
+
+class Experiment(NamedTuple):
+  """Pure pieces of one configured run; each may be ``jit``-ed and ``vmap``-ed over seeds.
+
+  Attributes:
+    config: the validated config.
+    task: the task distribution.
+    init: ``key -> MetaState``; every random stream of the run (initialisation, tasks, a random
+      aggregator's draws) derives from ``key``.
+    step: ``(state, data) -> (state, metrics)``, one meta-step (blocks: ``meta.make_block``); pass
+      ``task.train_data`` as ``data``.
+    evaluate: ``(params, key, data) -> per-task metric [eval_tasks]``; pass ``task.eval_data``.
+    place: ``state -> state`` on the devices the step expects (replicated over the task mesh when
+      ``num_devices > 1``; the identity otherwise).
+  """
+  config: TrainConfig
+  task: Task
+  init: Callable
+  step: Callable
+  evaluate: Callable
+  place: Callable
+
+
+def make_experiment(config: TrainConfig) -> Experiment:
+  """Validates ``config`` and builds its :class:`Experiment`.
+
+  Raises:
+    ValueError: an invalid config (see :meth:`TrainConfig.validate`).
+  """
+  config.validate()
+  task = make_task(config)
+  learner = make_learner(config, task.loss_fn)
+  eval_learner = make_learner(config, task.loss_fn, config.eval_inner_steps)
+  tx = make_tx(config)
+
+  def init(key):
+    init_key, train_key = jax.random.split(key)
+    params = task.init_params(init_key)
+    if config.algorithm == "metasgd":
+      params = algorithms.meta_sgd_init(params, config.inner_lr)
+    state = meta.init_state(train_key, params, tx)
+    return state._replace(opt_state=aggregators.with_key(
+        state.opt_state, jax.random.fold_in(key, _AGGREGATOR_STREAM)))
+
+  mesh = None
+  num_devices = config.num_devices or jax.local_device_count()
+  if num_devices > 1:
+    mesh = meta.task_mesh(num_devices)
+
+  def place(state):
+    return state if mesh is None else meta.replicate(state, mesh)
+
+  sample = task.sample
+  if config.corrupt_fraction > 0:
+    # Evaluation stays clean: only the training sampler is wrapped.
+    sample = corruption.make_corrupted_sampler(
+        sample, fraction=config.corrupt_fraction, kind=config.corruption,
+        num_classes=config.ways if config.task == "omniglot" else 2)
+  step = meta.make_meta_step(learner, tx, sample, config.meta_batch_size, signal=config.signal,
+                             mesh=mesh)
+  evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks)
+  return Experiment(config, task, init, step, evaluate, place)
+
+
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """``(train_key, eval_key)`` for a seed; the evaluation tasks depend on the seed only."""
+  train_key, eval_key = jax.random.split(jax.random.PRNGKey(seed))
+  return train_key, eval_key
