@@ -3,6 +3,7 @@
 No timing is asserted (the machine is shared); only the structure of the output.
 """
 
+import importlib
 import importlib.util
 import json
 import math
@@ -11,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "scripts" / "benchmarks"
 ROW_KEYS = {"suite", "config", "device", "median_ms", "min_ms", "max_ms", "repeats"}
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -92,10 +96,24 @@ def test_bad_suite_or_config_names_the_problem():
   assert result.returncode != 0 and "unknown --configs omni7w" in result.stderr
 
 
-def test_xla_flops_counts_every_scan_iteration():
+@pytest.fixture
+def benchmarks(monkeypatch):
+  """``scripts/benchmarks`` as the package ``benchmarks``, the name scripts import it by, loaded from
+  its path: ``scripts/`` stays off ``sys.path`` (its ``train.py`` would shadow other modules)."""
+  spec = importlib.util.spec_from_file_location("benchmarks", PACKAGE / "__init__.py",
+                                                submodule_search_locations=[str(PACKAGE)])
+  package = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, "benchmarks", package)  # Its modules import each other by it.
+  spec.loader.exec_module(package)
+  yield package
+  for name in [n for n in sys.modules if n.startswith("benchmarks.")]:
+    del sys.modules[name]
+
+
+def test_xla_flops_counts_every_scan_iteration(benchmarks):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from gajax import benchmarking  # pylint: disable=import-outside-toplevel
+  flops = importlib.import_module("benchmarks.flops")
 
   scan = jax.lax.scan
 
@@ -104,22 +122,22 @@ def test_xla_flops_counts_every_scan_iteration():
 
   x = jnp.ones((32, 32), jnp.float32)
   one = 2 * 32 ** 3
-  assert abs(benchmarking.xla_flops(five_matmuls, x) - 5 * one) <= 0.01 * 5 * one
-  assert abs(benchmarking.xla_flops(five_matmuls, x, compiled=True) - 5 * one) <= 0.01 * 5 * one
+  assert abs(flops.xla_flops(five_matmuls, x) - 5 * one) <= 0.01 * 5 * one
+  assert abs(flops.xla_flops(five_matmuls, x, compiled=True) - 5 * one) <= 0.01 * 5 * one
   # What the unroll is for: XLA counts a while loop's body once.
-  assert benchmarking.xla_flops(five_matmuls, x, unroll=False) < 2 * one
+  assert flops.xla_flops(five_matmuls, x, unroll=False) < 2 * one
   assert jax.lax.scan is scan
 
 
-def test_compare_interleaves_and_pairs_samples():
-  from gajax import benchmarking  # pylint: disable=import-outside-toplevel
+def test_compare_interleaves_and_pairs_samples(benchmarks):
+  timing = importlib.import_module("benchmarks.timing")
 
   calls = []
   contenders = {name: (lambda name=name: calls.append(name), ()) for name in ("a", "b")}
-  timings = benchmarking.compare(contenders, repeats=3, warmup=2)
+  timings = timing.compare(contenders, repeats=3, warmup=2)
   assert set(timings) == {"a", "b"} and all(len(t.samples) == 3 for t in timings.values())
   # Two warm-up calls each, then per repeat one priming call and one timed call, rotating order.
   assert calls[:4] == ["a", "a", "b", "b"]
   assert calls[4:] == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
-  ratio = benchmarking.paired_ratio(timings["a"], timings["b"])
+  ratio = timing.paired_ratio(timings["a"], timings["b"])
   assert ratio["ratio_min"] <= ratio["ratio_max"] and ratio["ratio"] > 0

@@ -1,4 +1,4 @@
-"""Small timing helpers for ``scripts/benchmark.py``: medians of repeated, synchronised calls.
+"""Timing helpers of the benchmark suites: medians of repeated, synchronised calls.
 
 Every measurement calls ``jax.block_until_ready`` on the result, so the time covers the computation
 and not only its asynchronous dispatch. Comparisons between functions (``compare``) interleave their
@@ -9,8 +9,6 @@ medians is far steadier than either time alone.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import platform
 import time
@@ -161,54 +159,6 @@ def device_string() -> str:
   return f"{device.platform}: {device.device_kind}, jax {jax.__version__}"
 
 
-@contextlib.contextmanager
-def unrolled_scans():
-  """Makes ``jax.lax.scan`` unroll fully while the context is open (for FLOP counting only).
-
-  XLA's cost analysis counts the body of a ``while`` loop once, whatever its trip count, so a
-  ``lax.scan`` of ``k`` inner steps would be reported as one. Tracing with every scan unrolled turns
-  the loop into straight-line code whose operations XLA counts one by one. Only code that looks
-  ``jax.lax.scan`` up at call time (as :func:`gajax.adaptation.adapt` does) is affected.
-  """
-  original = jax.lax.scan
-
-  @functools.wraps(original)
-  def scan(*args, **kwargs):
-    kwargs["unroll"] = True
-    return original(*args, **kwargs)
-
-  jax.lax.scan = scan
-  try:
-    yield
-  finally:
-    jax.lax.scan = original
-
-
-def xla_flops(fn: Callable, *args: Any, unroll: bool = True, compiled: bool = False) -> float:
-  """FLOPs of one call of ``fn(*args)`` from XLA's cost analysis (``HloCostAnalysis``).
-
-  ``compiled=True`` analyses the optimised program (``jit(fn).lower(*args).compile().cost_analysis()``);
-  the default analyses the lowered, unoptimised one (``lower(*args).cost_analysis()``), which skips
-  the LLVM compilation: on a loaded 2-core machine that is 2 s instead of 25 s for the sinusoid MAML
-  step, whose two counts differ by 3% (106 vs 109 MFLOP: the optimiser rewrites a few ops). Both
-  return a dict in jax 0.10 (a list of one dict per program in some older versions); both forms are
-  accepted. With ``unroll=True`` scans are unrolled for the count (see :func:`unrolled_scans`); the
-  timed program itself is never changed.
-  """
-  fn = getattr(fn, "__wrapped__", fn)  # A jitted function: count its Python function, retraced.
-  context = unrolled_scans() if unroll else contextlib.nullcontext()
-  with context:
-    # A fresh wrapper, so that a trace cached for `fn` (with rolled scans) is not reused.
-    lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
-    flops = _flops_of(lowered.compile().cost_analysis() if compiled else lowered.cost_analysis())
-    if flops is None and not compiled:
-      # jax 0.11 on GPU gave no count for the lowered program (BUILD.md): ask the compiled one.
-      flops = _flops_of(lowered.compile().cost_analysis())
-  return float("nan") if flops is None else flops
-
-
-def _flops_of(cost) -> float | None:
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = (cost or {}).get("flops")
-  return None if flops is None or flops != flops else float(flops)
+def per_call(timing: Timing, calls: int) -> Timing:
+  """``timing`` of a program that makes ``calls`` steps, as a time per step."""
+  return Timing(*(x / calls for x in timing[:3]), tuple(x / calls for x in timing.samples))
