@@ -1,0 +1,14 @@
+"""Meta-learning algorithms: each maps ``(params, support, query)`` of ONE task to that task's update.
+
+Every algorithm returns a :class:`MetaLearner`, a frozen dataclass that is itself the pure function
+``(params, support, query) -> update``. An *update* is gradient-like: the outer loop descends along
+it (``optax.sgd``, ``optax.adam``, ...), so MAML's update is the query meta-gradient and Reptile's is
+the displacement ``theta - theta_i``. Batch over tasks with :func:`per_task`. One algorithm per
+module: :mod:`~gajax.algorithms.maml` (MAML, FOMAML, Meta-SGD), :mod:`~gajax.algorithms.reptile`.
+
+``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``.
+"""
+
+from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, per_task
+from gajax.algorithms.maml import MetaSGDParams, fomaml, maml, meta_sgd, meta_sgd_init
+from gajax.algorithms.reptile import reptile
