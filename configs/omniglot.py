@@ -15,6 +15,11 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 README (about 30 minutes a run on 2 cores).
   5w1s_short    5w1s with meta-batch 16 and 1,000 meta-steps (progress every 100): the
                 corrupted-batch grid on Omniglot (``scripts/corruption_benchmark.py``).
+  5w1s_anil     5w1s with ANIL (Raghu et al., 2020): only the head adapts, with MAML's inner loop.
+  5w1s_imaml    5w1s with iMAML (Rajeswaran et al., 2019): 16 inner steps at 0.1 on the support
+                loss + lambda/2 |phi - theta|^2 with lambda = 2, 5 conjugate-gradient steps (the
+                authors' example command for Omniglot 5-way 1-shot; their code damps the CG
+                operator and pulls back towards theta in one step, which gajax does not).
 
 The aggregator is the library's default (gradient agreement); ``--config.aggregator=mean`` gives MAML.
 The data: ``$GAJAX_DATA_DIR`` when set, else the project's copy at ``../shared/data/omniglot/``
@@ -39,6 +44,9 @@ PROTOCOLS = {
     "5w1s_cpu": {**_FIVE_WAY, "shots": 1, "queries": 1, "num_iterations": 4500, "eval_every": 1500},
     "5w1s_short": {**_FIVE_WAY, "shots": 1, "queries": 1, "meta_batch_size": 16,
                    "num_iterations": 1000, "log_every": 100},
+    "5w1s_anil": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "anil"},
+    "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
+                   "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5},
 }
 _SHARED_COPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                             "omniglot", "omniglot.tar.gz")

@@ -23,7 +23,9 @@ from gajax.models import CONV_IMPLS, INITS
 from gajax.tasks import corruption
 
 TASKS = ("sinusoid", "binary", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml")
+# Algorithms with an inner displacement theta - theta_i that is not already their update.
+DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml")
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
 SPLITS = ("maml", "lake")
@@ -70,6 +72,8 @@ class TrainConfig:
   num_devices: int = 0  # shard the task axis over this many devices; 0: all local devices
   skip_nonfinite: bool = True  # drop tasks whose update has NaN/Inf (and log how many)
   seed: int = 0
+  imaml_lambda: float = 1.0  # imaml only: the regulariser lam/2 |phi - theta|^2 of the inner problem
+  cg_steps: int = 5  # imaml only: conjugate-gradient steps for the implicit meta-gradient
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -109,9 +113,9 @@ class TrainConfig:
     one_of("algorithm", ALGORITHMS)
     one_of("aggregator", aggregator_names())
     one_of("signal", SIGNALS)
-    need(self.signal == "self" or self.algorithm in ("maml", "fomaml", "metasgd"),
-         "signal='displacement' needs a MAML-family algorithm (for reptile the update already is "
-         "the displacement).")
+    need(self.signal == "self" or self.algorithm in DISPLACEMENT_ALGORITHMS,
+         f"signal='displacement' needs one of {', '.join(DISPLACEMENT_ALGORITHMS)} as algorithm (for "
+         "reptile the update already is the displacement).")
     one_of("optimizer", OPTIMIZERS)
     one_of("split", SPLITS)
     one_of("conv_downsample", DOWNSAMPLES)
@@ -138,7 +142,13 @@ class TrainConfig:
     need(self.aggregator not in ("trimmed_mean", "krum") or self.meta_batch_size >= 3,
          f"aggregator={self.aggregator} needs meta_batch_size >= 3.")
     need(self.inner_steps >= 0, f"inner_steps must be >= 0; got {self.inner_steps}.")
-    need(self.algorithm != "reptile" or self.inner_steps >= 1, "inner_steps must be >= 1 for reptile.")
+    need(self.algorithm not in ("reptile", "imaml") or self.inner_steps >= 1,
+         f"inner_steps must be >= 1 for {self.algorithm}.")
+    need(math.isfinite(self.imaml_lambda) and self.imaml_lambda > 0,
+         f"imaml_lambda must be a finite number > 0; got {self.imaml_lambda}.")
+    need(self.cg_steps >= 1, f"cg_steps must be >= 1; got {self.cg_steps}.")
+    need(not (self.algorithm == "anil" and self.task == "binary"),
+         "algorithm=anil adapts the model's head; binary's logistic regression has no body to share.")
     need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,
          f"eval_inner_steps must be >= 0; got {self.eval_inner_steps}.")
     need(self.num_devices >= 0, f"num_devices must be >= 0; got {self.num_devices}.")

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 import optax
 
-from gajax import aggregators, algorithms, meta
+from gajax import aggregators, algorithms, meta, models
 from gajax.config import TrainConfig
 from gajax.tasks import binary, corruption, sinusoid
 from gajax.tasks.base import Task
@@ -62,6 +62,12 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
     return algorithms.meta_sgd(loss_fn, inner_steps=steps)
   if config.algorithm == "reptile":
     return algorithms.reptile(loss_fn, inner_steps=steps, inner_lr=config.inner_lr)
+  if config.algorithm == "anil":  # the inner loop adapts the head only (the last Dense layer)
+    return algorithms.anil(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
+                           adapt=models.head_mask)
+  if config.algorithm == "imaml":
+    return algorithms.imaml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
+                            lam=config.imaml_lambda, cg_steps=config.cg_steps)
   return algorithms.maml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                          first_order=config.algorithm == "fomaml")
 

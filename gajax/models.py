@@ -205,3 +205,25 @@ class Conv4(nn.Module):
     x = jnp.reshape(x, (x.shape[0], -1))
     kernel_init, bias_init = layer_init(self.init_scheme, x.shape[-1], head=True)
     return nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=bias_init)(x)
+
+
+def head_mask(params) -> dict:
+  """A mask over ``params`` (bool leaves, same structure): True on the head, the model's last ``Dense``.
+
+  For :class:`MLP` and :class:`Conv4` the head is the ``Dense_<k>`` with the largest ``k`` in
+  ``params["params"]``: Flax numbers a module's layers in creation order and both models create the
+  head last. The mask selects what ANIL adapts (:func:`gajax.algorithms.anil`).
+
+  Raises:
+    ValueError: ``params`` has no ``Dense_<k>`` layer under ``"params"``.
+  """
+  layers = params.get("params", {}) if isinstance(params, dict) else {}
+  dense = [name for name in layers if name.startswith("Dense_") and name[6:].isdigit()]
+  if not dense:
+    raise ValueError("head_mask: params has no Dense_<k> layer under 'params'; pass an explicit mask.")
+  head = max(dense, key=lambda name: int(name[6:]))
+  def layer_mask(collection, name, layer):
+    return jax.tree_util.tree_map(lambda _: collection == "params" and name == head, layer)
+
+  return {collection: {name: layer_mask(collection, name, layer) for name, layer in layers.items()}
+          for collection, layers in params.items()}

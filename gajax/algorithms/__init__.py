@@ -4,11 +4,15 @@ Every algorithm returns a :class:`MetaLearner`, a frozen dataclass that is itsel
 ``(params, support, query) -> update``. An *update* is gradient-like: the outer loop descends along
 it (``optax.sgd``, ``optax.adam``, ...), so MAML's update is the query meta-gradient and Reptile's is
 the displacement ``theta - theta_i``. Batch over tasks with :func:`per_task`. One algorithm per
-module: :mod:`~gajax.algorithms.maml` (MAML, FOMAML, Meta-SGD), :mod:`~gajax.algorithms.reptile`.
+module: :mod:`~gajax.algorithms.maml` (MAML, FOMAML, Meta-SGD), :mod:`~gajax.algorithms.reptile`,
+:mod:`~gajax.algorithms.anil` (ANIL: only the head adapts), :mod:`~gajax.algorithms.imaml` (implicit
+gradients).
 
 ``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``.
 """
 
+from gajax.algorithms.anil import anil
 from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, per_task
 from gajax.algorithms.maml import MetaSGDParams, fomaml, maml, meta_sgd, meta_sgd_init
+from gajax.algorithms.imaml import imaml
 from gajax.algorithms.reptile import reptile
