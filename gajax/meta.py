@@ -9,6 +9,7 @@ Data flow of one meta-step (everything inside one ``jit``)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -97,14 +98,15 @@ def make_meta_step(learner: MetaLearner, tx: optax.GradientTransformation, sampl
     raise ValueError(f"make_meta_step: the meta-batch of {num_tasks} tasks does not split evenly over "
                      f"{mesh.size} devices; use a multiple of {mesh.size}.")
   task_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-  batched = per_task(learner.with_aux)
-
   def meta_step(state: MetaState, data: PyTree = None):
     key, task_key = jax.random.split(state.key)
     support, query = sample(task_key, num_tasks, data)
     if task_sharding is not None:
       support, query = jax.lax.with_sharding_constraint((support, query), task_sharding)
-    updates, aux = batched(state.params, support, query)
+    # The step is shared by every task (closed over, not vmapped); only learners that declare
+    # needs_step read it.
+    one_task = functools.partial(learner.with_aux, step=state.step)
+    updates, aux = per_task(one_task)(state.params, support, query)
     extra = {"agreement_signal": aux.displacement} if signal == "displacement" else {}
     step_updates, opt_state = tx.update(updates, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, step_updates)

@@ -48,15 +48,23 @@ class MetaLearner:
   Calling it, ``learner(params, support, query)``, returns the task's update (shaped like
   ``params``). ``learner.with_aux(...)`` also returns a :class:`TaskAux`, and
   ``learner.adapt(params, support)`` returns the adapted *model* parameters used at evaluation.
+
+  A learner whose update changes over training (MAML++'s annealed multi-step loss and derivative
+  order) sets ``needs_step``: its ``update_fn`` then takes the outer step count as a fourth argument
+  (an int32 scalar; :func:`gajax.meta.make_meta_step` passes ``state.step``), and calling it without
+  ``step`` uses step 0.
   """
   name: str
-  update_fn: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, TaskAux]]
+  update_fn: Callable[..., tuple[PyTree, TaskAux]]
   adapt_fn: Callable[[PyTree, PyTree], PyTree]
+  needs_step: bool = False
 
-  def __call__(self, params, support, query):
-    return self.update_fn(params, support, query)[0]
+  def __call__(self, params, support, query, step=None):
+    return self.with_aux(params, support, query, step)[0]
 
-  def with_aux(self, params, support, query):
+  def with_aux(self, params, support, query, step=None):
+    if self.needs_step:
+      return self.update_fn(params, support, query, jnp.asarray(0 if step is None else step, jnp.int32))
     return self.update_fn(params, support, query)
 
   def adapt(self, params, support):
