@@ -20,6 +20,12 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 loss + lambda/2 |phi - theta|^2 with lambda = 2, 5 conjugate-gradient steps (the
                 authors' example command for Omniglot 5-way 1-shot; their code damps the CG
                 operator and pulls back towards theta in one step, which gajax does not).
+  5w1s_mamlpp   5-way 1-shot MAML++ (Antoniou et al., 2019) with every switch gajax has: 5 inner
+                steps at 0.1 (5 at evaluation), learned per-layer per-step rates, the multi-step
+                loss annealed over 5,000 steps (10 "epochs" of 500), first order for the first
+                25,000 steps (50 epochs), a cosine outer schedule, meta-batch 8, 75,000 steps (150
+                epochs). Our reading of the paper and of public MAML++ configurations, not checked
+                against the authors' code; per-step batch norm is not implemented.
 
 The aggregator is the library's default (gradient agreement); ``--config.aggregator=mean`` gives MAML.
 The data: ``$GAJAX_DATA_DIR`` when set, else the project's copy at ``../shared/data/omniglot/``
@@ -45,6 +51,10 @@ PROTOCOLS = {
     "5w1s_short": {**_FIVE_WAY, "shots": 1, "queries": 1, "meta_batch_size": 16,
                    "num_iterations": 1000, "log_every": 100},
     "5w1s_anil": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "anil"},
+    "5w1s_mamlpp": {"ways": 5, "shots": 1, "queries": 1, "algorithm": "maml++", "meta_batch_size": 8,
+                    "inner_steps": 5, "inner_lr": 0.1, "lslr": True, "multi_step_loss": True,
+                    "msl_anneal_steps": 5000, "first_order_steps": 25_000,
+                    "outer_lr_schedule": "cosine", "num_iterations": 75_000},
     "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
                    "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5},
 }

@@ -23,9 +23,12 @@ from gajax.models import CONV_IMPLS, INITS
 from gajax.tasks import corruption
 
 TASKS = ("sinusoid", "binary", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")
 # Algorithms with an inner displacement theta - theta_i that is not already their update.
-DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml")
+DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml", "maml++")
+OUTER_LR_SCHEDULES = ("constant", "cosine")
+# MAML++ switches (Antoniou et al., 2019): they apply to algorithm="maml++" only.
+MAMLPP_FIELDS = ("lslr", "multi_step_loss", "msl_anneal_steps", "first_order_steps")
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
 SPLITS = ("maml", "lake")
@@ -74,6 +77,11 @@ class TrainConfig:
   seed: int = 0
   imaml_lambda: float = 1.0  # imaml only: the regulariser lam/2 |phi - theta|^2 of the inner problem
   cg_steps: int = 5  # imaml only: conjugate-gradient steps for the implicit meta-gradient
+  lslr: bool = False  # maml++ only: learned per-layer per-step inner learning rates
+  multi_step_loss: bool = False  # maml++ only: query losses after every inner step, annealed weights
+  msl_anneal_steps: int = 0  # maml++ only: outer steps over which those weights anneal to the last
+  first_order_steps: int = 0  # maml++ only: first order before this outer step, second order after
+  outer_lr_schedule: str = "constant"  # or "cosine": from outer_lr to outer_lr / 100 (MAML++'s CA)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -147,6 +155,17 @@ class TrainConfig:
     need(math.isfinite(self.imaml_lambda) and self.imaml_lambda > 0,
          f"imaml_lambda must be a finite number > 0; got {self.imaml_lambda}.")
     need(self.cg_steps >= 1, f"cg_steps must be >= 1; got {self.cg_steps}.")
+    one_of("outer_lr_schedule", OUTER_LR_SCHEDULES)
+    defaults = TrainConfig()
+    changed = [f for f in MAMLPP_FIELDS if getattr(self, f) != getattr(defaults, f)]
+    need(self.algorithm == "maml++" or not changed,
+         f"{', '.join(changed)} apply to algorithm='maml++' only; got algorithm={self.algorithm!r}.")
+    for name in ("msl_anneal_steps", "first_order_steps"):
+      need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}.")
+    need(not self.multi_step_loss or (self.msl_anneal_steps >= 1 and self.inner_steps >= 1),
+         "multi_step_loss needs msl_anneal_steps >= 1 and inner_steps >= 1.")
+    need(not self.lslr or self.eval_inner_steps in (None, self.inner_steps),
+         "lslr learns one rate per inner step: eval_inner_steps must equal inner_steps (or be unset).")
     need(not (self.algorithm == "anil" and self.task == "binary"),
          "algorithm=anil adapts the model's head; binary's logistic regression has no body to share.")
     need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,

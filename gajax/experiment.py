@@ -65,6 +65,11 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
   if config.algorithm == "anil":  # the inner loop adapts the head only (the last Dense layer)
     return algorithms.anil(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                            adapt=models.head_mask)
+  if config.algorithm == "maml++":
+    return algorithms.maml_plus_plus(
+        loss_fn, inner_steps=steps, inner_lr=config.inner_lr, lslr=config.lslr,
+        multi_step_loss=config.multi_step_loss, msl_anneal_steps=config.msl_anneal_steps,
+        first_order_steps=config.first_order_steps)
   if config.algorithm == "imaml":
     return algorithms.imaml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                             lam=config.imaml_lambda, cg_steps=config.cg_steps)
@@ -78,7 +83,10 @@ def make_tx(config: TrainConfig) -> optax.GradientTransformation:
   The guard wraps the whole chain so that a step in which every task is non-finite changes nothing,
   not even the optimiser's moments (:func:`gajax.aggregators.skip_nonfinite_tasks`).
   """
-  optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](config.outer_lr)
+  learning_rate = config.outer_lr
+  if config.outer_lr_schedule == "cosine":  # MAML++'s CA: 1e-3 -> 1e-5 over the run
+    learning_rate = optax.cosine_decay_schedule(config.outer_lr, config.num_iterations, alpha=0.01)
+  optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](learning_rate)
   tx = optax.chain(make_aggregator(config.aggregator, config.meta_batch_size), optimizer)
   return aggregators.skip_nonfinite_tasks(tx) if config.skip_nonfinite else tx
 
@@ -122,6 +130,8 @@ def make_experiment(config: TrainConfig) -> Experiment:
     params = task.init_params(init_key)
     if config.algorithm == "metasgd":
       params = algorithms.meta_sgd_init(params, config.inner_lr)
+    if config.algorithm == "maml++" and config.lslr:
+      params = algorithms.maml_plus_plus_init(params, config.inner_lr, config.inner_steps)
     state = meta.init_state(train_key, params, tx)
     return state._replace(opt_state=aggregators.with_key(
         state.opt_state, jax.random.fold_in(key, _AGGREGATOR_STREAM)))

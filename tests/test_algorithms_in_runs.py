@@ -37,3 +37,44 @@ def test_two_meta_steps_are_finite_and_move_the_parameters(algorithm):
 def test_anil_on_a_model_without_a_body_is_refused():
   with pytest.raises(ValueError, match="anil adapts the model's head"):
     dataclasses.replace(BASE, algorithm="anil", task="binary").validate()
+
+
+def test_maml_plus_plus_with_every_switch_learns_its_rates():
+  config = dataclasses.replace(BASE, algorithm="maml++", lslr=True, multi_step_loss=True,
+                               msl_anneal_steps=10, first_order_steps=1, outer_lr_schedule="cosine",
+                               num_iterations=20)
+  exp = make_experiment(config)
+  state = exp.init(seed_keys(0)[0])
+  assert np.asarray(state.params.inner_lr["params"]["Dense_0"]["kernel"]).shape == (2,)  # per step
+  new, metrics = jax.jit(meta.make_block(exp.step, 2))(state, exp.task.train_data)
+  assert np.all(np.isfinite(metrics["query_loss"]))
+  rates = np.asarray(new.params.inner_lr["params"]["Dense_0"]["kernel"])
+  assert not np.allclose(rates, 0.01) and np.all(np.isfinite(rates))
+
+
+def test_cosine_outer_schedule_follows_its_closed_form():
+  from gajax.experiment import make_tx  # pylint: disable=import-outside-toplevel
+  n = 10
+  config = dataclasses.replace(BASE, aggregator="mean", optimizer="sgd", outer_lr=0.5,
+                               outer_lr_schedule="cosine", num_iterations=n)
+  tx = make_tx(config)
+  params = {"w": np.zeros(1, np.float32)}
+  state = tx.init(params)
+  sizes = []
+  for _ in range(n + 1):
+    u, state = tx.update({"w": np.ones((3, 1), np.float32)}, state, params)  # mean gradient 1
+    sizes.append(-float(u["w"][0]))
+  # lr(t) = 0.5 (0.01 + 0.99 (1 + cos(pi min(t, n) / n)) / 2): from 0.5 down to 0.005.
+  want = [0.5 * (0.01 + 0.99 * (1 + np.cos(np.pi * min(t, n) / n)) / 2) for t in range(n + 1)]
+  np.testing.assert_allclose(sizes, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lslr": True}, "lslr apply to algorithm='maml\\+\\+' only"),
+    ({"algorithm": "maml++", "multi_step_loss": True}, "multi_step_loss needs msl_anneal_steps"),
+    ({"algorithm": "maml++", "lslr": True, "eval_inner_steps": 3}, "eval_inner_steps must equal"),
+    ({"outer_lr_schedule": "linear"}, "outer_lr_schedule must be one of"),
+])
+def test_maml_plus_plus_settings_are_checked(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(BASE, **change).validate()

@@ -6,7 +6,8 @@ it (``optax.sgd``, ``optax.adam``, ...), so MAML's update is the query meta-grad
 the displacement ``theta - theta_i``. Batch over tasks with :func:`per_task`. One algorithm per
 module: :mod:`~gajax.algorithms.maml` (MAML, FOMAML, Meta-SGD), :mod:`~gajax.algorithms.reptile`,
 :mod:`~gajax.algorithms.anil` (ANIL: only the head adapts), :mod:`~gajax.algorithms.imaml` (implicit
-gradients).
+gradients), :mod:`~gajax.algorithms.maml_plus_plus` (MAML++'s LSLR, multi-step loss, derivative-order
+annealing).
 
 ``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``.
 """
@@ -15,4 +16,6 @@ from gajax.algorithms.anil import anil
 from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, per_task
 from gajax.algorithms.maml import MetaSGDParams, fomaml, maml, meta_sgd, meta_sgd_init
 from gajax.algorithms.imaml import imaml
+from gajax.algorithms.maml_plus_plus import (MAMLPlusPlusParams, maml_plus_plus, maml_plus_plus_init,
+                                            msl_importance)
 from gajax.algorithms.reptile import reptile
