@@ -43,7 +43,8 @@ Cache
   path, size and mtime of every file under it. The file is written to a temporary file in the same folder
   and moved into place with ``os.replace``, so an interrupted write never leaves a partial cache under the
   final name. The cache stores a sha256 of its own contents; an unreadable, mis-shaped or mismatching
-  cache is ignored and rebuilt. Old caches for other keys are left alone (delete them by hand).
+  cache is ignored and rebuilt. Old caches for other keys are left alone (delete them by hand). The
+  mechanics are shared with the other readers in :mod:`gajax.data.cache`.
 
 Splits (``split_indices`` / ``split_omniglot``), over characters, deterministic from ``seed``:
   * ``"maml"`` (default; the MAML / Reptile protocol): ``perm = np.random.RandomState(seed).permutation(C)``
@@ -61,14 +62,12 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -76,6 +75,8 @@ from typing import Iterator, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+from gajax.data import cache as _cache
 
 PathLike = Union[str, os.PathLike]
 
@@ -92,10 +93,14 @@ MAML_NUM_TRAIN = 1200
 # download_omniglot then checks what it fetched by opening it (CRCs) and counting characters/drawings.
 KNOWN_SHA256: Mapping[str, str] = {}
 DATA_ENV = "GAJAX_DATA_DIR"
-CACHE_ENV = "GAJAX_CACHE_DIR"
 # Bump when the decoded content changes (resampling, ink convention, order) so old caches are not reused.
 _CACHE_VERSION = 1
 _CHUNK = 1 << 20
+# The cache mechanics live in gajax.data.cache; these names stay importable from here.
+CACHE_ENV = _cache.CACHE_ENV
+default_cache_dir = _cache.default_cache_dir
+_sha256_file = _cache.sha256_file
+_atomic_save_npz = _cache.atomic_save_npz
 
 
 class OmniglotData(NamedTuple):
@@ -165,28 +170,12 @@ def _detect_source(path: Path) -> _Source:
                           "folders, also under omniglot/)")
 
 
-def _sha256_file(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _fingerprint(source: _Source) -> list:
   """Content identity of the source, for the cache key."""
   if source.kind in ("zips", "tar"):
     return [[p.name, _sha256_file(p)] for p in source.paths]
   # Hashing 32k loose files would cost as much as decoding them; sizes + mtimes catch real edits.
-  root = source.paths[0]
-  entries = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for name in sorted(filenames):
-      full = os.path.join(dirpath, name)
-      st = os.stat(full)
-      entries.append(f"{os.path.relpath(full, root)}\t{st.st_size}\t{st.st_mtime_ns}")
-  return [["folder", hashlib.sha256("\n".join(entries).encode()).hexdigest()]]
+  return [["folder", _cache.tree_fingerprint(source.paths[0])]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,12 +405,6 @@ def _decode_source(source: _Source, size: int, expected_characters: Optional[tup
 # Cache.
 
 
-def default_cache_dir() -> Path:
-  """``$GAJAX_CACHE_DIR`` if set, else ``~/.cache/gajax``."""
-  env = os.environ.get(CACHE_ENV)
-  return Path(env).expanduser() if env else Path.home() / ".cache" / "gajax"
-
-
 def _content_digest(images: np.ndarray, characters: list, is_background: np.ndarray) -> str:
   h = hashlib.sha256()
   h.update(repr((images.shape, str(images.dtype))).encode())
@@ -431,41 +414,22 @@ def _content_digest(images: np.ndarray, characters: list, is_background: np.ndar
   return h.hexdigest()
 
 
-def _atomic_save_npz(path: Path, **arrays) -> None:
-  """Writes an ``.npz`` so that ``path`` holds either nothing/the old file or the complete new one."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache is fine to share read-only
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
-
-
 def _read_cache(path: Path, key: str, size: int) -> Optional[OmniglotData]:
-  """The cached data, or None when the file is missing or fails any check."""
-  if not path.is_file():
+  """The cached data, or None when the file is missing or fails any check (see :func:`cache.read_cache`)."""
+  def check(z):
+    images, characters, is_background = z["images"], z["characters"], z["is_background"]
+    return (images.dtype == np.uint8 and images.ndim == 4 and characters.ndim == 1
+            and images.shape[0] == characters.shape[0] == is_background.shape[0]
+            and images.shape[2:] == (size, size) and is_background.dtype == bool)
+
+  def digest(z):
+    return _content_digest(z["images"], [str(c) for c in z["characters"]], z["is_background"])
+
+  z = _cache.read_cache(path, key, what="Omniglot", digest_fn=digest, check=check)
+  if z is None:
     return None
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      images, characters = z["images"], [str(c) for c in z["characters"]]
-      is_background, stored_key, digest = z["is_background"], str(z["key"]), str(z["digest"])
-    ok = (stored_key == key and images.dtype == np.uint8 and images.ndim == 4
-          and images.shape[0] == len(characters) == is_background.shape[0]
-          and images.shape[2:] == (size, size) and is_background.dtype == bool
-          and digest == _content_digest(images, characters, is_background))
-  except Exception:  # noqa: BLE001 - any unreadable cache is simply rebuilt
-    ok = False
-  if not ok:
-    warnings.warn(f"{path}: Omniglot cache is corrupt or stale; rebuilding it", RuntimeWarning, stacklevel=3)
-    return None
-  return OmniglotData(images, [c.split("/")[0] for c in characters], characters, is_background)
+  characters = [str(c) for c in z["characters"]]
+  return OmniglotData(z["images"], [c.split("/")[0] for c in characters], characters, z["is_background"])
 
 
 def load_omniglot(path: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None, *,
@@ -493,11 +457,9 @@ def load_omniglot(path: Optional[PathLike] = None, cache_dir: Optional[PathLike]
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
   path = resolve_data_path(path)
   source = _detect_source(path)
-  key_material = {"version": _CACHE_VERSION, "size": image_size, "kind": source.kind,
-                  "source": _fingerprint(source)}
-  key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
-  cache_path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-  cache_path = cache_path / f"omniglot_{image_size}px_{key[:24]}.npz"
+  key = _cache.cache_key({"version": _CACHE_VERSION, "size": image_size, "kind": source.kind,
+                          "source": _fingerprint(source)})
+  cache_path = _cache.cache_file(cache_dir, f"omniglot_{image_size}px", key)
 
   data = _read_cache(cache_path, key, image_size)
   if data is not None:
@@ -508,13 +470,10 @@ def load_omniglot(path: Optional[PathLike] = None, cache_dir: Optional[PathLike]
 
   data = _decode_source(source, image_size, expected_characters, expected_drawings)
   arrays = dict(images=data.images, characters=np.asarray(data.characters, dtype=str),
-                is_background=data.is_background, key=np.asarray(key),
-                digest=np.asarray(_content_digest(data.images, data.characters, data.is_background)))
-  try:
-    _atomic_save_npz(cache_path, **arrays)
-  except OSError as e:
-    # A read-only or full cache folder should cost speed next time, not this run.
-    warnings.warn(f"{cache_path}: could not write the Omniglot cache: {e}", RuntimeWarning, stacklevel=2)
+                is_background=data.is_background)
+  # A read-only or full cache folder only warns: it should cost speed next time, not this run.
+  _cache.write_cache(cache_path, key, arrays, what="Omniglot",
+                     digest=_content_digest(data.images, data.characters, data.is_background))
   return data
 
 

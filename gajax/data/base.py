@@ -1,0 +1,105 @@
+"""What the data-set readers share besides the cache: their result type and a restricted pickle reader.
+
+numpy only, no JAX (see :mod:`gajax.data`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import os
+import pickle
+from typing import BinaryIO, NamedTuple, Union
+
+import numpy as np
+
+
+class ClassImages(NamedTuple):
+  """One split of a few-shot data set: every class with the same number of images.
+
+  Attributes:
+    images: uint8 ``[C, N, H, W, 3]`` (RGB) or ``[C, N, H, W]`` (grey): ``N`` images of each of ``C``
+      classes. Readers insist on equal counts per class (the few-shot sets read here have them: 600 per
+      class for mini-ImageNet, CIFAR-FS and FC100) and raise ``ValueError`` otherwise, so there is no index
+      array.
+    class_names: the ``C`` class names, in the order of ``images``' first axis.
+  """
+  images: np.ndarray
+  class_names: tuple
+
+
+def one_line(e: BaseException) -> str:
+  """``"<Type>: <message>"`` on one line (the first line of the message), for error messages."""
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pickles.
+
+# The only globals a data pickle of numpy arrays, dicts, lists, strings and numbers needs: numpy's array,
+# dtype and scalar reconstructors under both module spellings (numpy < 2 wrote ``numpy.core``, numpy >= 2
+# writes ``numpy._core``), and ``_codecs.encode``, with which Python 3 writes ``bytes`` at protocol 2.
+_ALLOWED_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"), ("collections", "OrderedDict"),
+})
+_NUMPY_CORE = "numpy._core" if importlib.util.find_spec("numpy._core") is not None else "numpy.core"
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+  """A pickle asked for a global outside the data allow-list."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+  def find_class(self, module, name):
+    if (module, name) not in _ALLOWED_GLOBALS:
+      raise UnsafePickleError(f"it asks for {module}.{name}, which a data pickle does not need")
+    if module.startswith(("numpy.core.", "numpy._core.")):
+      # Import the spelling this numpy has (numpy 2 warns on ``numpy.core``; numpy 1 lacks ``numpy._core``).
+      module = _NUMPY_CORE + "." + module.split(".", 2)[2]
+    return getattr(importlib.import_module(module), name)
+
+
+def load_pickle(source: Union[bytes, BinaryIO, str, os.PathLike], origin: str, *,
+                encoding: str = "ASCII") -> object:
+  """Unpickles data-only content (numpy arrays, dicts, lists, str/bytes, numbers) from a file or bytes.
+
+  Any other global (a class, a function) is refused before it is imported, so a data file fetched from a
+  mirror cannot run code. ``encoding`` is :func:`pickle.load`'s: ``"bytes"`` reads Python 2 pickles (CIFAR's)
+  with their ``str`` keys and values as ``bytes``.
+
+  Raises:
+    FileNotFoundError: ``source`` is a path that does not exist.
+    ValueError: one line naming ``origin``: a truncated/corrupt pickle, or one that needs other globals.
+  """
+  try:
+    if isinstance(source, (str, os.PathLike)):
+      with open(source, "rb") as f:
+        return _DataUnpickler(f, encoding=encoding).load()
+    f = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    return _DataUnpickler(f, encoding=encoding).load()
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{origin}: no such file") from e
+  except UnsafePickleError as e:
+    raise ValueError(f"{origin}: refusing to unpickle: {e}") from e
+  except MemoryError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any failure inside pickle means a bad file
+    raise ValueError(f"{origin}: corrupt or truncated pickle: {one_line(e)}") from e
+
+
+def str_keys(d: object, origin: str, what: str) -> dict:
+  """``d`` (a dict, possibly with ``bytes`` keys from a Python 2 pickle) with ``str`` keys."""
+  if not isinstance(d, dict):
+    raise ValueError(f"{origin}: wrong layout: {what} holds a {type(d).__name__}, expected a dict")
+  return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def as_str(x: object) -> str:
+  """A name read from a pickle (``bytes`` in Python 2 pickles, ``str`` or numpy ``str_`` otherwise)."""
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
