@@ -9,7 +9,7 @@ import pytest
 from gajax.algorithms.anil import anil, combine, partition
 from gajax.algorithms.core import per_task
 from gajax.algorithms.maml import maml
-from gajax.tasks.sinusoid import make_task
+from helpers import sinusoid_problem
 
 LR = 0.05
 
@@ -20,17 +20,6 @@ def is_head(path):
 
 def head_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: is_head(path), params)
-
-
-def sinusoid_problem(num_tasks=None, seed=0, dtype=np.float64):
-  """A 1 -> 8 -> 1 MLP (body Dense_0, head Dense_1) in float64 and one (or ``num_tasks``) tasks."""
-  task = make_task(hidden=(8,), shots=5, queries=5)
-  cast = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), tree)
-  params = cast(task.init_params(jax.random.PRNGKey(seed)))
-  support, query = cast(task.sample(jax.random.PRNGKey(seed + 1), num_tasks or 1))
-  if num_tasks is None:
-    support, query = jax.tree_util.tree_map(lambda x: x[0], (support, query))
-  return params, support, query, task.loss_fn
 
 
 def assert_trees_close(got, want, rtol=1e-12, atol=1e-14):

@@ -10,14 +10,14 @@ import io
 import os
 import pickle
 import shutil
-import struct
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gajax.data import cifar_fs
+from gajax.data import base, cifar_fs
+import helpers
 
 # CIFAR-100's hierarchy, as in its meta file (fine and coarse label names are alphabetical there).
 HIERARCHY = {
@@ -63,34 +63,6 @@ FC100_INDICES = {"train": {1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19}, "val": {8, 
 # Python 2 pickles.
 
 
-class _Py2Pickler(pickle._Pickler):
-  """Writes what Python 2's cPickle wrote at protocol 2: every ``str``/``bytes`` as a byte string
-  (BINSTRING opcodes, so ``encoding="bytes"`` reads them back as ``bytes``) and numpy < 2's module names."""
-
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def _save_string(self, obj):
-    data = obj.encode("latin-1") if isinstance(obj, str) else bytes(obj)
-    if len(data) < 256:
-      self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-    else:
-      self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-    self.memoize(obj)
-
-  dispatch[str] = _save_string
-  dispatch[bytes] = _save_string
-
-  def save_global(self, obj, name=None):
-    name = name or obj.__qualname__
-    module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core")
-    self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
-    self.memoize(obj)
-
-
-def _py2_dumps(value) -> bytes:
-  buf = io.BytesIO()
-  _Py2Pickler(buf, protocol=2).dump(value)
-  return buf.getvalue()
 
 
 def _make_cifar(seed: int = 0):
@@ -111,7 +83,7 @@ def _make_cifar(seed: int = 0):
   return files, expected
 
 
-def _write_folder(root: Path, files: dict, dumps=_py2_dumps) -> Path:
+def _write_folder(root: Path, files: dict, dumps=helpers.py2_dumps) -> Path:
   root.mkdir(parents=True, exist_ok=True)
   for name, value in files.items():
     (root / name).write_bytes(dumps(value))
@@ -121,7 +93,7 @@ def _write_folder(root: Path, files: dict, dumps=_py2_dumps) -> Path:
 def _write_tar(path: Path, files: dict) -> Path:
   with tarfile.open(path, "w:gz") as tf:
     for name in ("meta", "test", "train"):
-      data = _py2_dumps(files[name])
+      data = helpers.py2_dumps(files[name])
       info = tarfile.TarInfo(f"cifar-100-python/{name}")
       info.size = len(data)
       tf.addfile(info, io.BytesIO(data))
@@ -148,11 +120,11 @@ def _cache_files(cache_dir: Path) -> list:
 
 
 def test_split_lists_are_the_published_ones():
-  fs = {s: cifar_fs.split_list("cifar_fs", s) for s in cifar_fs.SPLITS}
+  fs = {s: cifar_fs.split_list("cifar_fs", s) for s in base.SPLITS}
   assert {s: len(v) for s, v in fs.items()} == {"train": 64, "val": 16, "test": 20}
   assert set(fs["test"]) == CIFAR_FS_TEST and set(fs["val"]) == CIFAR_FS_VAL
   assert set(fs["train"]) == set(FINE) - CIFAR_FS_TEST - CIFAR_FS_VAL
-  fc = {s: cifar_fs.split_list("fc100", s) for s in cifar_fs.SPLITS}
+  fc = {s: cifar_fs.split_list("fc100", s) for s in base.SPLITS}
   assert {s: {COARSE.index(n) for n in v} for s, v in fc.items()} == FC100_INDICES
   assert cifar_fs.split_list("cifar_fs", "validation") == fs["val"]
   for name in os.listdir(Path(cifar_fs.__file__).parent / "splits"):
@@ -217,7 +189,7 @@ def test_all_source_forms_agree(tmp_path, cifar):
     np.testing.assert_array_equal(data.images, expected)
 
 
-@pytest.mark.parametrize("split", cifar_fs.SPLITS)
+@pytest.mark.parametrize("split", base.SPLITS)
 def test_cifar_fs_splits(tmp_path, cifar, split):
   root, _, expected = cifar
   data = _load(cifar_fs.load_cifar_fs, root, split, tmp_path / "cache")
@@ -227,7 +199,7 @@ def test_cifar_fs_splits(tmp_path, cifar, split):
   np.testing.assert_array_equal(data.images, expected[[FINE.index(n) for n in data.class_names]])
 
 
-@pytest.mark.parametrize("split", cifar_fs.SPLITS)
+@pytest.mark.parametrize("split", base.SPLITS)
 def test_fc100_splits(tmp_path, cifar, split):
   root, _, expected = cifar
   data = _load(cifar_fs.load_fc100, root, split, tmp_path / "cache")
@@ -261,7 +233,7 @@ def test_one_cache_for_everything_reused_and_rebuilt(tmp_path, cifar, monkeypatc
   with monkeypatch.context() as m:
     m.setattr(cifar_fs, "load_pickle", no_unpickling)
     for fn in (cifar_fs.load_cifar_fs, cifar_fs.load_fc100):
-      for split in cifar_fs.SPLITS:
+      for split in base.SPLITS:
         _load(fn, root, split, cache)
     np.testing.assert_array_equal(_load(cifar_fs.load_cifar_fs, root, "train", cache).images, first.images)
     with pytest.raises(ValueError, match=r"\(cache .*\): every class has 3 images, expected 600"):
@@ -298,17 +270,8 @@ def test_one_cache_for_everything_reused_and_rebuilt(tmp_path, cifar, monkeypatc
 def test_interrupted_cache_write_leaves_nothing(tmp_path, cifar, monkeypatch, crash_in):
   root, _, _ = cifar
   cache = tmp_path / "cache"
-
-  class Crash(BaseException):
-    pass
-
-  def crash(*a, **k):
-    raise Crash()
-
-  with monkeypatch.context() as m:
-    m.setattr(*((np, "savez") if crash_in == "savez" else (os, "replace")), crash)
-    with pytest.raises(Crash):
-      _load(cifar_fs.load_fc100, root, "train", cache)
+  with helpers.crashing_cache_write(crash_in), pytest.raises(helpers.CacheWriteCrash):
+    _load(cifar_fs.load_fc100, root, "train", cache)
   assert _cache_files(cache) == []
   _load(cifar_fs.load_fc100, root, "train", cache)
   assert [Path(p).suffix for p in _cache_files(cache)] == [".npz"]
@@ -366,7 +329,7 @@ def test_corrupt_pickles_and_archives(tmp_path, cifar):
   _expect_error(ValueError, r"cifar-100-python.tar.gz: corrupt or truncated archive", tar, cache)
   with tarfile.open(tar, "w:gz") as tf:  # a good archive without the test member
     info = tarfile.TarInfo("cifar-100-python/meta")
-    meta = _py2_dumps(files["meta"])
+    meta = helpers.py2_dumps(files["meta"])
     info.size = len(meta)
     tf.addfile(info, io.BytesIO(meta))
   _expect_error(ValueError, r"cifar-100-python.tar.gz: no cifar-100-python/train member", tar, cache)
@@ -381,11 +344,11 @@ def test_wrong_layouts_and_counts(tmp_path, cifar):
     for k, v in changes.items():
       if v is None:
         del value[k]
-    return _bad_copy(tmp_path, root, "train", _py2_dumps(value))
+    return _bad_copy(tmp_path, root, "train", helpers.py2_dumps(value))
 
   train = files["train"]
   _expect_error(ValueError, r"bad/train: wrong layout: the pickle holds a list, expected a dict",
-                _bad_copy(tmp_path, root, "train", _py2_dumps([1, 2])), cache)
+                _bad_copy(tmp_path, root, "train", helpers.py2_dumps([1, 2])), cache)
   _expect_error(ValueError, r"bad/train: wrong layout: no 'data' key", with_train(data=None), cache)
   _expect_error(ValueError, r"bad/train: wrong layout: data is uint8 \[200, 3000\], expected uint8 \[N, 3072\]",
                 with_train(data=np.ascontiguousarray(train["data"][:, :3000])), cache)
@@ -412,12 +375,12 @@ def test_wrong_layouts_and_counts(tmp_path, cifar):
                 with_train(fine_labels=fine, coarse_labels=coarse), cache, expected_images=None)
 
   meta = files["meta"]
-  bad = _bad_copy(tmp_path, root, "meta", _py2_dumps(dict(meta, fine_label_names=meta["fine_label_names"][:99])))
+  bad = _bad_copy(tmp_path, root, "meta", helpers.py2_dumps(dict(meta, fine_label_names=meta["fine_label_names"][:99])))
   _expect_error(ValueError, r"bad/meta: fine_label_names holds 99 distinct names, expected 100", bad, cache)
-  bad = _bad_copy(tmp_path, root, "meta", _py2_dumps({"fine_label_names": meta["fine_label_names"]}))
+  bad = _bad_copy(tmp_path, root, "meta", helpers.py2_dumps({"fine_label_names": meta["fine_label_names"]}))
   _expect_error(ValueError, r"bad/meta: wrong layout: no 'coarse_label_names' key", bad, cache)
   renamed = ["APPLE" if n == "apple" else n for n in meta["fine_label_names"]]
-  bad = _bad_copy(tmp_path, root, "meta", _py2_dumps(dict(meta, fine_label_names=renamed)))
+  bad = _bad_copy(tmp_path, root, "meta", helpers.py2_dumps(dict(meta, fine_label_names=renamed)))
   # Decoding succeeds (and is cached), then the split list names a class the data lacks.
   with pytest.raises(ValueError, match=r"bad: CIFAR-FS train class 'apple' is not among the data's fine "
                                        r"classes"):

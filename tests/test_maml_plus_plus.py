@@ -11,21 +11,10 @@ from gajax.algorithms.core import per_task
 from gajax.algorithms.maml import maml
 from gajax.algorithms.maml_plus_plus import (MAMLPlusPlusParams, maml_plus_plus, maml_plus_plus_init,
                                              msl_importance)
-from gajax.tasks.sinusoid import make_task
+from helpers import sinusoid_problem
 
 LR = 0.05
 K = 3
-
-
-def sinusoid_problem(num_tasks=None, seed=0, dtype=np.float64):
-  """A 1 -> 8 -> 1 MLP and one (or ``num_tasks``) sinusoid tasks."""
-  task = make_task(hidden=(8,), shots=5, queries=5)
-  cast = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), tree)
-  params = cast(task.init_params(jax.random.PRNGKey(seed)))
-  support, query = cast(task.sample(jax.random.PRNGKey(seed + 1), num_tasks or 1))
-  if num_tasks is None:
-    support, query = jax.tree_util.tree_map(lambda x: x[0], (support, query))
-  return params, support, query, task.loss_fn
 
 
 def random_rates(params, seed=0):

@@ -9,14 +9,15 @@ import io
 import os
 import pickle
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from gajax.data import base
 from gajax.data import mini_imagenet as mi
+import helpers
 
 CLASSES = {"train": 4, "val": 2, "test": 2}
 IMAGES = 3
@@ -55,7 +56,7 @@ def csv_root(tmp_path_factory) -> Path:
   (root / "images").mkdir()
   rng = np.random.default_rng(0)
   sizes = [(84, 84), (100, 120), (60, 50)]
-  for split in mi.SPLITS:
+  for split in base.SPLITS:
     rows = []
     for c in range(CLASSES[split]):
       wnid = _wnid(split, c)
@@ -119,7 +120,7 @@ def _cache_files(cache_dir: Path) -> list:
 # Round trips.
 
 
-@pytest.mark.parametrize("split", mi.SPLITS)
+@pytest.mark.parametrize("split", base.SPLITS)
 def test_csv_layout_round_trip(tmp_path, csv_root, split):
   data = _load(csv_root, split, tmp_path / "cache")
   images, names = _reference(csv_root, split)
@@ -148,7 +149,7 @@ def test_csv_row_order_within_a_class_is_kept(tmp_path, csv_root):
   np.testing.assert_array_equal(data.images[:, ::-1], _reference(csv_root, "test")[0])
 
 
-@pytest.mark.parametrize("split", mi.SPLITS)
+@pytest.mark.parametrize("split", base.SPLITS)
 def test_pkl_layout_round_trip(tmp_path, pkl_root, split):
   root, expected = pkl_root
   images, names = expected[split]
@@ -177,37 +178,12 @@ def test_pkl_val_spelling_other_names_and_old_numpy(tmp_path, pkl_root):
     np.testing.assert_array_equal(data.images, images)
 
 
-def _py2_dumps(value) -> bytes:
-  """What Python 2's cPickle wrote at protocol 2: str/bytes as byte strings, numpy < 2 module names."""
-
-  class Py2Pickler(pickle._Pickler):
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_string(self, obj):
-      data = obj.encode("latin-1") if isinstance(obj, str) else bytes(obj)
-      op = (pickle.SHORT_BINSTRING + bytes([len(data)]) if len(data) < 256
-            else pickle.BINSTRING + struct.pack("<i", len(data)))
-      self.write(op + data)
-      self.memoize(obj)
-
-    dispatch[str] = _save_string
-    dispatch[bytes] = _save_string
-
-    def save_global(self, obj, name=None):
-      name = name or obj.__qualname__
-      module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core")
-      self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
-      self.memoize(obj)
-
-  buf = io.BytesIO()
-  Py2Pickler(buf, protocol=2).dump(value)
-  return buf.getvalue()
 
 
 def test_pkl_written_by_python2(tmp_path, pkl_root):
   root, expected = pkl_root
   value = pickle.loads((root / "mini-imagenet-cache-test.pkl").read_bytes())
-  raw = _py2_dumps(value)
+  raw = helpers.py2_dumps(value)
   assert b"cnumpy.core.multiarray\n_reconstruct" in raw and b"image_data" in raw
   (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(raw)
   data = _load(tmp_path / "mini-imagenet-cache-test.pkl", "test", tmp_path / "cache")
@@ -296,17 +272,8 @@ def test_pkl_cache_is_reused(tmp_path, pkl_root, monkeypatch):
 @pytest.mark.parametrize("crash_in", ["savez", "replace"])
 def test_interrupted_cache_write_leaves_nothing(tmp_path, csv_root, monkeypatch, crash_in):
   cache = tmp_path / "cache"
-
-  class Crash(BaseException):
-    pass
-
-  def crash(*a, **k):
-    raise Crash()
-
-  with monkeypatch.context() as m:
-    m.setattr(*((np, "savez") if crash_in == "savez" else (os, "replace")), crash)
-    with pytest.raises(Crash):
-      _load(csv_root, "test", cache)
+  with helpers.crashing_cache_write(crash_in), pytest.raises(helpers.CacheWriteCrash):
+    _load(csv_root, "test", cache)
   assert _cache_files(cache) == []
   _load(csv_root, "test", cache)
   assert [Path(p).suffix for p in _cache_files(cache)] == [".npz"]

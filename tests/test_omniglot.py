@@ -29,6 +29,7 @@ from PIL import Image
 
 from gajax.data import omniglot as omniglot_data
 from gajax.tasks import omniglot
+import helpers
 
 
 # Alphabet -> number of characters. Names are listed out of order on purpose.
@@ -325,20 +326,8 @@ def test_cache_hit_key_and_rebuild(tmp_path, files, monkeypatch):
 def test_interrupted_cache_write_leaves_nothing(tmp_path, files, monkeypatch, crash_in):
   path = _write_zips(tmp_path / "z", files[0])
   cache = tmp_path / "cache"
-
-  class Crash(BaseException):
-    pass
-
-  def crash(*a, **k):
-    raise Crash()
-
-  with monkeypatch.context() as m:
-    if crash_in == "savez":
-      m.setattr(omniglot_data.np, "savez", crash)
-    else:
-      m.setattr(omniglot_data.os, "replace", crash)
-    with pytest.raises(Crash):
-      _load(path, cache)
+  with helpers.crashing_cache_write(crash_in), pytest.raises(helpers.CacheWriteCrash):
+    _load(path, cache)
   assert list(cache.iterdir()) == []
   assert _load(path, cache).images.shape == (10, 20, 28, 28)
   assert [p.suffix for p in cache.iterdir()] == [".npz"]

@@ -103,3 +103,20 @@ def str_keys(d: object, origin: str, what: str) -> dict:
 def as_str(x: object) -> str:
   """A name read from a pickle (``bytes`` in Python 2 pickles, ``str`` or numpy ``str_`` otherwise)."""
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def normalise_split(split: str, what: str = "") -> str:
+  """``"validation"`` -> ``"val"``; raises ``ValueError`` for anything but train/val/test."""
+  if split == "validation":
+    return "val"
+  if split not in SPLITS:
+    raise ValueError(f"unknown {what + ' ' if what else ''}split {split!r}; expected one of {SPLITS}")
+  return split
+
+
+def is_tarball(path) -> bool:
+  """Whether ``path``'s name says it is a tar archive (``.tar.gz``, ``.tgz``, ``.tar``)."""
+  return path.name.endswith((".tar.gz", ".tgz", ".tar"))

@@ -56,11 +56,11 @@ from typing import Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from gajax.data import cache as _cache
-from gajax.data.base import ClassImages, as_str, load_pickle, one_line, str_keys
+from gajax.data.base import (ClassImages, as_str, is_tarball, load_pickle, normalise_split,
+                              one_line, str_keys)
 
 PathLike = Union[str, os.PathLike]
 
-SPLITS = ("train", "val", "test")
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
 TARBALL_NAMES = ("cifar-100-python.tar.gz", "cifar-100-python.tgz", "cifar-100-python.tar")
@@ -105,7 +105,7 @@ def split_list(dataset: str, split: str, allow_unverified: bool = False) -> tupl
   """
   if dataset not in DATASETS:
     raise ValueError(f"unknown data set {dataset!r}; expected one of {DATASETS}")
-  split = _normalise_split(split)
+  split = normalise_split(split)
   filename = f"{dataset}_{split}.txt"
   comments, names = [], []
   for line in _split_text(filename).splitlines():
@@ -125,14 +125,6 @@ def split_list(dataset: str, split: str, allow_unverified: bool = False) -> tupl
   return tuple(names)
 
 
-def _normalise_split(split: str) -> str:
-  if split == "validation":
-    return "val"
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-  return split
-
-
 # ----------------------------------------------------------------------------------------------------
 # Locating and reading the source.
 
@@ -142,16 +134,12 @@ class _Source(NamedTuple):
   path: Path  # the cifar-100-python folder | the tarball
 
 
-def _is_tarball(p: Path) -> bool:
-  return p.name.endswith((".tar.gz", ".tgz", ".tar"))
-
-
 def _detect_source(path: Path) -> _Source:
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such file or folder (expected the {FOLDER}/ folder, a folder "
                             f"holding it, or {TARBALL_NAMES[0]})")
   if path.is_file():
-    if _is_tarball(path):
+    if is_tarball(path):
       return _Source("tar", path)
     raise ValueError(f"{path}: not a recognised CIFAR-100 source (expected {TARBALL_NAMES[0]} or the "
                      f"{FOLDER}/ folder)")
@@ -335,7 +323,7 @@ def load_cifar_fs(path: PathLike, split: str, cache_dir: Optional[PathLike] = No
   Args: as :func:`load_cifar100`, plus ``split`` (``"train"``, ``"val"``/``"validation"``, ``"test"``) and
   ``allow_unverified`` (use a split list marked ``UNVERIFIED``; none shipped is).
   """
-  split = _normalise_split(split)
+  split = normalise_split(split)
   names = split_list("cifar_fs", split, allow_unverified)
   if len(names) != CIFAR_FS_NUM_CLASSES[split]:
     raise ValueError(f"gajax/data/splits/cifar_fs_{split}.txt: lists {len(names)} classes, expected "
@@ -354,7 +342,7 @@ def load_fc100(path: PathLike, split: str, cache_dir: Optional[PathLike] = None,
 
   Args: as :func:`load_cifar_fs`. Class names are the fine names; every listed superclass must hold 5.
   """
-  split = _normalise_split(split)
+  split = normalise_split(split)
   supers = split_list("fc100", split, allow_unverified)
   if len(supers) != FC100_NUM_SUPERCLASSES[split]:
     raise ValueError(f"gajax/data/splits/fc100_{split}.txt: lists {len(supers)} superclasses, expected "

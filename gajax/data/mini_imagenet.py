@@ -63,11 +63,10 @@ import numpy as np
 from PIL import Image
 
 from gajax.data import cache as _cache
-from gajax.data.base import ClassImages, as_str, load_pickle, one_line, str_keys
+from gajax.data.base import ClassImages, as_str, load_pickle, normalise_split, one_line, str_keys
 
 PathLike = Union[str, os.PathLike]
 
-SPLITS = ("train", "val", "test")
 NUM_CLASSES: Mapping[str, int] = {"train": 64, "val": 16, "test": 20}
 NUM_IMAGES = 600
 IMAGE_SIZE = 84
@@ -86,14 +85,6 @@ class _Source(NamedTuple):
   files: tuple  # (the split's csv,) | (the pickle,)
 
 
-def _normalise_split(split: str) -> str:
-  if split == "validation":
-    return "val"
-  if split not in SPLITS:
-    raise ValueError(f"unknown mini-ImageNet split {split!r}; expected one of {SPLITS}")
-  return split
-
-
 def _detect_source(path: Path, split: str) -> _Source:
   pkl_names = [f"mini-imagenet-cache-{s}.pkl" for s in PKL_SPLIT_NAMES[split]]
   if not path.exists():
@@ -104,8 +95,9 @@ def _detect_source(path: Path, split: str) -> _Source:
       raise ValueError(f"{path}: not a recognised mini-ImageNet source (expected a .pkl file, or a folder "
                        f"with {split}.csv and images/ or with {pkl_names[0]})")
     m = _PKL_RE.match(path.name)
-    if m and _normalise_split(m.group(1)) != split:
-      raise ValueError(f"{path}: holds the {_normalise_split(m.group(1))!r} split, not {split!r}")
+    found = normalise_split(m.group(1), "mini-ImageNet") if m else split
+    if found != split:
+      raise ValueError(f"{path}: holds the {found!r} split, not {split!r}")
     return _Source("pkl", path.parent, (path,))
   csv_path, images = path / f"{split}.csv", path / "images"
   if csv_path.is_file() and images.is_dir():
@@ -275,7 +267,7 @@ def load_mini_imagenet(path: PathLike, split: str, cache_dir: Optional[PathLike]
     FileNotFoundError: a missing path, CSV, ``images/`` folder, pickle or listed image.
     ValueError: a wrong layout, a corrupt/truncated pickle, an undecodable image, wrong sizes or counts.
   """
-  split = _normalise_split(split)
+  split = normalise_split(split, "mini-ImageNet")
   if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
   if isinstance(expected_classes, Mapping):

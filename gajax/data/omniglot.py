@@ -77,6 +77,7 @@ import numpy as np
 from PIL import Image
 
 from gajax.data import cache as _cache
+from gajax.data.base import is_tarball
 
 PathLike = Union[str, os.PathLike]
 
@@ -137,16 +138,12 @@ def resolve_data_path(path: Optional[PathLike] = None) -> Path:
   return Path(path).expanduser()
 
 
-def _is_tarball(p: Path) -> bool:
-  return p.name.endswith((".tar.gz", ".tgz", ".tar"))
-
-
 def _detect_source(path: Path) -> _Source:
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such file or folder (expected the Omniglot tarball, a folder "
                             f"holding {ZIP_NAMES[0]} and {ZIP_NAMES[1]}, or an unpacked folder)")
   if path.is_file():
-    if _is_tarball(path):
+    if is_tarball(path):
       return _Source("tar", (path,))
     if path.name in ZIP_NAMES:
       raise ValueError(f"{path}: pass the folder that holds both {ZIP_NAMES[0]} and {ZIP_NAMES[1]}, "
