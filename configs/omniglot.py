@@ -3,7 +3,8 @@
     python scripts/train.py --config=configs/omniglot.py:5w1s
     python scripts/train.py --config=configs/omniglot.py:20w1s --config.aggregator=mean
 
-Conv-4 (4 x [3x3 conv 64, stride 2, batch norm, ReLU], then a linear head; Flax's initialisation),
+Conv-4 (4 x [3x3 conv 64, stride 2, batch norm, ReLU], the spatial mean of the last feature map, then a
+linear head, as MAML's reference code builds it for Omniglot; Flax's initialisation),
 28x28 images, 1,200 training characters (MAML's split) with rotations as extra classes, as many query
 images per class as support images, Adam 1e-3, 60,000 meta-steps, 600 evaluation tasks with a 95%
 interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
@@ -75,7 +76,10 @@ def get_config(protocol: str = "5w1s") -> ml_collections.ConfigDict:
   if protocol not in PROTOCOLS:
     raise ValueError(f"configs/omniglot.py has no protocol {protocol!r}; choose one of "
                      f"{', '.join(PROTOCOLS)}.")
+  # conv_head_input="mean" since 2026-12-03; every earlier Omniglot table used "flatten" (its README
+  # command says so).
   settings = {"num_iterations": 60_000, "eval_tasks": 600, "eval_every": 2500, "log_every": 500,
+              "conv_head_input": "mean",
               **PROTOCOLS[protocol]}
   config = ml_collections.ConfigDict(TrainConfig(task="omniglot", data_dir=default_data_dir(),
                                                  **settings).to_dict())

@@ -19,7 +19,7 @@ import typing
 from typing import Any, Mapping
 
 from gajax import aggregators
-from gajax.models import CONV_IMPLS, INITS
+from gajax.models import CONV_IMPLS, HEAD_INPUTS, INITS
 from gajax.tasks import corruption
 
 TASKS = ("sinusoid", "binary", "omniglot")
@@ -65,6 +65,7 @@ class TrainConfig:
   split: str = "maml"  # omniglot only
   conv_downsample: str = "stride"  # omniglot only
   conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
+  conv_head_input: str = "flatten"  # omniglot only: "mean" is MAML's (configs/omniglot.py uses it)
   init: str = ""  # the model's initialisation (gajax.models.INITS); "": the task's default
   corrupt_fraction: float = 0.0  # share of every training meta-batch's tasks that is corrupted
   corruption: str = ""  # how (gajax.tasks.corruption.CORRUPTIONS); needed when corrupt_fraction > 0
@@ -128,6 +129,7 @@ class TrainConfig:
     one_of("split", SPLITS)
     one_of("conv_downsample", DOWNSAMPLES)
     one_of("conv_impl", CONV_IMPLS)
+    one_of("conv_head_input", HEAD_INPUTS)
     need(self.init in INITS + ("",),
          f"init must be one of {', '.join(INITS)} (or empty for the task's default); "
          f"got {self.init!r}.")

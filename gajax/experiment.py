@@ -47,7 +47,8 @@ def make_task(config: TrainConfig) -> Task:
     from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
     return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
                               data_dir=config.data_dir or None, split=config.split,
-                              downsample=config.conv_downsample, conv=config.conv_impl, **init)
+                              downsample=config.conv_downsample, conv=config.conv_impl,
+                              head_input=config.conv_head_input, **init)
   eval_queries = 100 if config.eval_queries is None else config.eval_queries
   if config.task == "binary":
     return binary.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries)

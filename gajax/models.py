@@ -11,6 +11,7 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "matmul", "xla")
 INITS = ("flax", "torch", "maml")
+HEAD_INPUTS = ("flatten", "mean")  # Conv4.head_input
 
 
 def layer_init(init: str, fan_in: int, *, head: bool = False, conv: bool = False):
@@ -177,17 +178,25 @@ class Conv4(nn.Module):
 
   ``init_scheme`` picks the initialisation scheme of the convolutions and the head (:func:`layer_init`);
   batch norm starts at scale 1, bias 0 under every scheme.
+
+  ``head_input`` is what the head sees: ``"flatten"`` the last feature map flattened (``2x2x64 = 256``
+  inputs on 28x28 Omniglot), ``"mean"`` its spatial mean (64 inputs), as MAML's reference code does
+  for Omniglot (``reduce_mean`` over height and width before the last matmul; mini-ImageNet flattens).
   """
   num_classes: int
   filters: int = 64
   downsample: str = "stride"
   conv: str = "auto"
   init_scheme: str = "flax"
+  head_input: str = "flatten"
 
   @nn.compact
   def __call__(self, x):
     if self.downsample not in ("stride", "pool"):
       raise ValueError(f"Conv4: downsample must be 'stride' or 'pool', got {self.downsample!r}.")
+    if self.head_input not in HEAD_INPUTS:
+      raise ValueError(f"Conv4: head_input must be one of {', '.join(HEAD_INPUTS)}, got "
+                       f"{self.head_input!r}.")
     impl = resolve_conv_impl(self.conv)
     stride = 2 if self.downsample == "stride" else 1
     for i in range(4):
@@ -202,7 +211,10 @@ class Conv4(nn.Module):
       if self.downsample == "pool":
         x = (max_pool_2x2(x) if impl == "matmul"
              else nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
-    x = jnp.reshape(x, (x.shape[0], -1))
+    if self.head_input == "mean":
+      x = jnp.mean(x, axis=(1, 2))
+    else:
+      x = jnp.reshape(x, (x.shape[0], -1))
     kernel_init, bias_init = layer_init(self.init_scheme, x.shape[-1], head=True)
     return nn.Dense(self.num_classes, kernel_init=kernel_init, bias_init=bias_init)(x)
 

@@ -51,6 +51,7 @@ def test_omniglot_protocols_are_maml_s(protocol, ways, shots, batch, steps, lr, 
   assert (c.inner_steps, c.inner_lr, c.eval_inner_steps) == (steps, lr, eval_steps)
   assert (c.outer_lr, c.optimizer, c.num_iterations, c.eval_tasks) == (1e-3, "adam", 60_000, 600)
   assert (c.conv_downsample, c.split) == ("stride", "maml")
+  assert c.conv_head_input == "mean"  # MAML's code averages the last 2x2 map before the head
 
 
 def test_unknown_protocol_and_fields_are_refused():

@@ -189,7 +189,8 @@ def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Opt
               data_dir: Optional[omniglot_data.PathLike] = None,
               cache_dir: Optional[omniglot_data.PathLike] = None,
               split: str = "maml", split_seed: int = 0, rotations: bool = True,
-              downsample: str = "stride", filters: int = 64, conv: str = "auto", init: str = "flax"):
+              downsample: str = "stride", filters: int = 64, conv: str = "auto", init: str = "flax",
+              head_input: str = "flatten"):
   """N-way K-shot Omniglot with MAML's Conv-4 learner (:class:`gajax.models.Conv4`).
 
   Training tasks come from the meta-training characters of ``split``, evaluation tasks from the test
@@ -209,13 +210,16 @@ def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Opt
       :class:`gajax.models.Conv4`).
     init: Conv-4's initialisation scheme, ``"flax"``, ``"torch"`` or ``"maml"``
       (:func:`gajax.models.layer_init`).
+    head_input: what Conv-4's head sees, ``"flatten"`` or ``"mean"`` (MAML's reference code; see
+      :class:`gajax.models.Conv4`).
   """
   eval_queries = queries if eval_queries is None else eval_queries
   data = omniglot_data.load_omniglot(data_dir, cache_dir)
   train_images, test_images = omniglot_data.split_omniglot(data, split=split, seed=split_seed)
   for images, q in ((train_images, queries), (test_images, eval_queries)):
     _num_classes(images.shape, ways, shots, q, rotations)
-  model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv, init_scheme=init)
+  model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv, init_scheme=init,
+                head_input=head_input)
   size = data.images.shape[-1]
 
   def loss_fn(params, batch):
