@@ -1,12 +1,14 @@
 """Properties every registered aggregator must have, parametrised over ``registry.names()``.
 
 Shape and dtype, finiteness on degenerate inputs, documented task-count limits, permutation invariance
-(for the deterministic methods), jit against eager, bfloat16, random Jacobians (hypothesis), the
-non-conflicting guarantee (MGDA, UPGrad, DualProj), and use inside ``optax.chain`` under ``jax.jit``.
+(for the deterministic methods), jit against eager (``chex.variants``), bfloat16, random Jacobians
+(hypothesis), the non-conflicting guarantee (MGDA, UPGrad, DualProj), and use inside ``optax.chain``
+under ``jax.jit``.
 
 All inputs share one two-leaf structure with ``P = 10`` coordinates and ``T`` in ``{1, 5}`` (and ``T = 2``
 for the non-conflicting checks), and the jitted functions are cached per (name, T): compilation
-dominates the run time, so every test reuses them.
+dominates the run time, so every test reuses them (``jax.jit`` of the same ``update`` again, as chex's
+``with_jit`` variant does, finds the cached compilation).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+from absl.testing import parameterized
+import chex
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -71,14 +75,16 @@ def flat(tree):
                          np.asarray(tree["w"], np.float64).reshape(-1)])
 
 
-def aggregate(name, j, dtype=jnp.float32, jit=True):
+def one_task(tree):
+  """The parameter-shaped tree an aggregator must return for stacked updates ``tree``."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def aggregate(name, j, dtype=jnp.float32):
   tx, update = build(name, j.shape[0])
   tree = to_tree(j, dtype)
-  out, _ = (update if jit else tx.update)(tree, tx.init(None))
-  assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(tree)
-  for key in ("b", "w"):
-    assert out[key].shape == tree[key].shape[1:], (name, key, out[key].shape)
-    assert out[key].dtype == dtype, (name, key, out[key].dtype)
+  out, _ = update(tree, tx.init(None))
+  chex.assert_trees_all_equal_shapes_and_dtypes(out, one_task(tree))
   return out
 
 
@@ -148,12 +154,23 @@ def test_permutation_invariance(name):
     np.testing.assert_allclose(a, b, atol=1e-4 * (np.abs(a).max() + 1e-6), err_msg=name)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_matches_eager(name):
-  require(name)
-  j = np.random.default_rng(1).normal(size=(T_MAIN, P))
-  a, b = flat(aggregate(name, j)), flat(aggregate(name, j, jit=False))
-  np.testing.assert_allclose(a, b, atol=1e-5 * (np.abs(a).max() + 1e-6), err_msg=name)
+class JitAndEagerTest(chex.TestCase):
+  """Every aggregator's ``update`` under ``jax.jit`` and eagerly (chex's ``with_jit`` / ``without_jit``)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((name, name) for name in NAMES)
+  def test_update_is_parameter_shaped_finite_and_matches_the_cached_jit(self, name):
+    require(name)
+    tx, update = build(name, T_MAIN)
+    tree = to_tree(np.random.default_rng(1).normal(size=(T_MAIN, P)))
+    state = tx.init(None)
+    out, new_state = self.variant(tx.update)(tree, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, one_task(tree))
+    chex.assert_tree_all_finite(out)
+    chex.assert_trees_all_equal_structs(new_state, state)
+    want, _ = update(tree, state)
+    scale = max(np.abs(x).max() for x in jax.tree_util.tree_leaves(want))
+    chex.assert_trees_all_close(out, want, rtol=0.0, atol=1e-5 * (scale + 1e-6))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -164,7 +181,9 @@ def test_bfloat16_close_to_float32(name):
   ref = flat(aggregate(name, j))
   low = flat(aggregate(name, j, dtype=jnp.bfloat16))
   assert np.all(np.isfinite(low)), name
-  np.testing.assert_allclose(low, ref, atol=2e-2 * (np.abs(ref).max() + 1e-6), err_msg=name)
+  # bfloat16 keeps 8 significant bits: the output's own rounding is up to 2^-9 of the largest entry;
+  # measured at most 3.6e-3 of it (nash_mtl). test_aggregators_gramian.py relies on this test.
+  np.testing.assert_allclose(low, ref, atol=1e-2 * (np.abs(ref).max() + 1e-6), err_msg=name)
 
 
 _jacobians = hnp.arrays(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,11 +105,11 @@ def test_pcgrad_matches_numpy_random_order_and_splits_key():
 def test_projection_order_rows_are_permutations_of_the_others():
   for key in (None, jax.random.PRNGKey(0)):
     order = np.asarray(projection_order(5, key))
-    assert order.shape == (5, 4)
+    chex.assert_shape(order, (5, 4))
     for i, row in enumerate(order):
       assert sorted(row.tolist()) == [k for k in range(5) if k != i]
   np.testing.assert_array_equal(np.asarray(projection_order(5)), np.array(fixed_order(5)))
-  assert projection_order(1).shape == (1, 0)
+  chex.assert_shape(projection_order(1), (1, 0))
 
 
 def test_pcgrad_two_tasks_closed_form():
@@ -422,6 +423,6 @@ def test_registry_builds_and_defaults_key():
   assert registry.get("pcgrad").init(None).key is None  # optional key: deterministic order
   tx = registry.get("agreement")
   out, _ = jax.jit(tx.update)(j, tx.init(None))
-  assert out["w"].shape == (3, 2)
+  chex.assert_trees_all_equal_shapes_and_dtypes(out, jax.tree_util.tree_map(lambda x: x[0], j))
   tx = registry.get("gradvac", num_tasks=4, beta=0.1)
-  assert tx.init(None).phi_hat.shape == (4, 4)
+  chex.assert_shape(tx.init(None).phi_hat, (4, 4))

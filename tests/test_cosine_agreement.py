@@ -5,6 +5,7 @@ Expected weights come from an independent float64 NumPy reference over the flatt
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,8 +55,10 @@ def batch(t, seed):
 @pytest.mark.parametrize("t", [1, 2, 5, 32])
 def test_weights_match_float64_reference(t):
   j = batch(t, t)
-  w = np.asarray(aggregators.cosine_agreement_weights(to_tree(j)))
-  assert w.shape == (t,) and w.dtype == np.float32
+  w = aggregators.cosine_agreement_weights(to_tree(j))
+  chex.assert_shape(w, (t,))
+  chex.assert_type(w, jnp.float32)
+  w = np.asarray(w)
   np.testing.assert_allclose(w, reference_weights(j), rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(np.abs(w).sum(), 1.0, rtol=1e-6)
   if t > 1:  # the variant really differs from eq. 13 on such a batch
@@ -122,7 +125,7 @@ def test_transformation_output_and_state():
   j = batch(5, 7)
   tx = aggregators.cosine_agreement(num_tasks=5)
   state = tx.init(None)
-  assert state.weights.shape == (5,)
+  chex.assert_shape(state.weights, (5,))
   out, state = tx.update(to_tree(j), state)
   w = reference_weights(j)
   np.testing.assert_allclose(flat(out), w @ j, rtol=1e-5, atol=1e-5 * np.abs(j).max())
@@ -156,12 +159,11 @@ def test_errors():
 def test_jit_matches_eager_and_chains_with_optax():
   j = batch(5, 10)
   tx = aggregators.cosine_agreement(num_tasks=5)
-  eager, eager_state = tx.update(to_tree(j), tx.init(None))
-  jitted, jit_state = jax.jit(tx.update)(to_tree(j), tx.init(None))
-  np.testing.assert_allclose(flat(jitted), flat(eager), rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(jit_state.weights, eager_state.weights, rtol=1e-6, atol=1e-7)
-  np.testing.assert_allclose(jax.jit(aggregators.cosine_agreement_weights)(to_tree(j)),
-                             aggregators.cosine_agreement_weights(to_tree(j)), rtol=1e-6, atol=1e-7)
+  eager = tx.update(to_tree(j), tx.init(None))
+  jitted = jax.jit(tx.update)(to_tree(j), tx.init(None))
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-6, atol=1e-7)  # the update and the state
+  chex.assert_trees_all_close(jax.jit(aggregators.cosine_agreement_weights)(to_tree(j)),
+                              aggregators.cosine_agreement_weights(to_tree(j)), rtol=1e-6, atol=1e-7)
   chain = optax.chain(aggregators.cosine_agreement(num_tasks=5), optax.sgd(0.5))
   params = {"a": jnp.zeros((2, 3)), "b": jnp.zeros((4,))}
   updates, _ = jax.jit(chain.update)(to_tree(j), chain.init(params), params)

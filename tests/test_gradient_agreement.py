@@ -1,5 +1,6 @@
 """Gradient agreement (eq. 13) against an independent float64 NumPy implementation, and its edge cases."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +29,8 @@ def test_weights_match_float64_reference(t):
   tree = random_tree(np.random.default_rng(t), t)
   # Shift toward a common direction so the weights are not all tiny and the test is meaningful.
   w = np.asarray(aggregators.agreement_weights(tree))
+  chex.assert_shape(w, (t,))
   np.testing.assert_allclose(w, reference_weights(tree), rtol=2e-5, atol=1e-6)
-  assert w.shape == (t,)
   np.testing.assert_allclose(np.abs(w).sum(), 1.0, rtol=1e-6)
 
 
@@ -53,9 +54,8 @@ def test_transform_output_is_weighted_sum_without_one_over_t():
   tx = aggregators.gradient_agreement()
   out, state = tx.update(tree, tx.init(None))
   w = reference_weights(tree)
-  for got, leaf in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(tree)):
-    np.testing.assert_allclose(got, np.tensordot(w, leaf.astype(np.float64), axes=1), rtol=1e-4,
-                               atol=1e-5)
+  want = jax.tree_util.tree_map(lambda leaf: np.tensordot(w, leaf.astype(np.float64), axes=1), tree)
+  chex.assert_trees_all_close(out, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(state.weights, w, rtol=2e-5, atol=1e-6)
 
 
@@ -105,8 +105,7 @@ def test_jit_matches_eager():
   tx = aggregators.gradient_agreement(num_tasks=5)
   eager = tx.update(tree, tx.init(None))
   jitted = jax.jit(tx.update)(tree, tx.init(None))
-  for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tree, message", [

@@ -5,6 +5,8 @@ initialisation puts the support loss's curvature above the stability limit 2 / 0
 so the inner loop raises the support loss of many of them; PyTorch's default puts none there.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,9 +18,16 @@ from gajax import aggregators, algorithms, diagnostics, meta
 from gajax.models import MLP, Conv4, layer_init
 from gajax.tasks import sinusoid
 
+# Compiling dominates this file; the tests need correct machine code, not fast code, and skipping
+# LLVM's optimisations cuts XLA:CPU compile time by more than half. Numerics are IEEE either way.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
+
+@functools.lru_cache(maxsize=None)
 def _wide_mlp(scheme, key=0):
-  return MLP((256, 256, 1), init_scheme=scheme).init(jax.random.PRNGKey(key), jnp.zeros((1, 3)))
+  """Initialised under ``jax.jit`` (run eagerly, each initialiser compiles its own small kernels)."""
+  init = jax.jit(MLP((256, 256, 1), init_scheme=scheme).init, compiler_options=FAST_COMPILE)
+  return init(jax.random.PRNGKey(key), jnp.zeros((1, 3)))
 
 
 def test_torch_scheme_is_uniform_fan_in_for_kernels_and_biases():
@@ -46,7 +55,7 @@ def test_flax_scheme_is_lecun_normal_with_zero_biases_and_the_old_default():
       x = nn.relu(nn.Dense(256)(x))
       return nn.Dense(1)(x)
 
-  plain = Plain().init(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  plain = jax.jit(Plain().init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
   for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(_wide_mlp("flax"))):
     np.testing.assert_array_equal(a, b)
 
@@ -60,7 +69,7 @@ def test_maml_scheme_mlp_is_truncated_normal_001_and_conv4_is_xavier_with_normal
   # std of a normal truncated at +-2 sigma: sigma * 0.8796
   np.testing.assert_allclose(np.std(p["Dense_1"]["kernel"]), 0.01 * 0.8796, rtol=0.05)
 
-  c = Conv4(num_classes=5, filters=32, init_scheme="maml").init(
+  c = jax.jit(Conv4(num_classes=5, filters=32, init_scheme="maml").init, compiler_options=FAST_COMPILE)(
       jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))["params"]
   k = np.asarray(c["Conv_1"]["kernel"])  # [3, 3, 32, 32]: fan_in = fan_out = 9 * 32
   bound = np.sqrt(6 / (9 * 32 + 9 * 32))
@@ -91,13 +100,25 @@ def test_top_hessian_eigenvalue_matches_the_dense_hessian():
       return jnp.mean(jnp.square(model.apply(p, b["x"]) - b["y"]))
 
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    dense = np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat))
+    hessian = jax.jit(jax.hessian(lambda f: loss(unravel(f), batch)), compiler_options=FAST_COMPILE)
+    dense = np.asarray(hessian(flat))
     eigs = np.linalg.eigvalsh(dense)
     want = eigs[np.argmax(np.abs(eigs))]
-    got = diagnostics.top_hessian_eigenvalue(loss, params, batch, jax.random.PRNGKey(0), iters=300)
+    top = jax.jit(functools.partial(diagnostics.top_hessian_eigenvalue, loss, iters=300),
+                  compiler_options=FAST_COMPILE)
+    got = top(params, batch, jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(got), want, rtol=1e-4)
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+@functools.lru_cache(maxsize=None)
+def _sinusoid_report(scheme):
+  """``(init_params, jitted inner_loop_report)`` of one scheme, shared by the seeds."""
+  task = sinusoid.make_task(init=scheme)
+  report = functools.partial(diagnostics.inner_loop_report, task.loss_fn, inner_lr=0.01, inner_steps=5)
+  return (jax.jit(task.init_params, compiler_options=FAST_COMPILE),
+          jax.jit(report, compiler_options=FAST_COMPILE))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -105,10 +126,8 @@ def test_flax_init_is_past_the_inner_stability_limit_on_sinusoids_and_torch_init
   supports, _ = sinusoid.sample_tasks(jax.random.PRNGKey(100 + seed), 25, shots=10, queries=1)
   report = {}
   for scheme in ("flax", "torch"):
-    task = sinusoid.make_task(init=scheme)
-    params = task.init_params(jax.random.PRNGKey(seed))
-    r = diagnostics.inner_loop_report(task.loss_fn, params, supports, jax.random.PRNGKey(7),
-                                      inner_lr=0.01, inner_steps=5)
+    init_params, inner_loop_report = _sinusoid_report(scheme)
+    r = inner_loop_report(init_params(jax.random.PRNGKey(seed)), supports, jax.random.PRNGKey(7))
     report[scheme] = (np.median(r.lambda_max),
                       np.mean(np.asarray(r.adapted_support_loss) > np.asarray(r.support_loss)))
   limit = 2 / 0.01

@@ -12,18 +12,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
+    import functools
     import jax, numpy as np, optax, pytest
     from gajax import aggregators, algorithms, meta
     from gajax.tasks import sinusoid
     assert jax.device_count() == 8, jax.devices()
+    # Compiling dominates; skipping LLVM's optimisations about halves it (numerics are IEEE either way).
+    jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                       "xla_llvm_disable_expensive_passes": True})
     task = sinusoid.make_task(shots=5, queries=5, hidden=(16,))
     learner = algorithms.maml(task.loss_fn, inner_steps=2, inner_lr=0.01)
     mesh = meta.task_mesh(8)
-    for make, num_tasks in ((aggregators.mean, 8), (aggregators.gradient_agreement, 16)):
+    # num_tasks sizes the agreement weights in the state from the start: without it they grow from [0]
+    # to [16] after the first step, and both steps would compile twice.
+    for make, num_tasks in ((aggregators.mean, 8),
+                            (functools.partial(aggregators.gradient_agreement, num_tasks=16), 16)):
       tx = optax.chain(make(), optax.adam(1e-2))
       state = meta.init_state(jax.random.PRNGKey(1), task.init_params(jax.random.PRNGKey(0)), tx)
-      single = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks))
-      sharded = jax.jit(meta.make_meta_step(learner, tx, task.sample, num_tasks, mesh=mesh))
+      single = jit(meta.make_meta_step(learner, tx, task.sample, num_tasks))
+      sharded = jit(meta.make_meta_step(learner, tx, task.sample, num_tasks, mesh=mesh))
       a, b = state, meta.replicate(state, mesh)
       for _ in range(3):
         a, ma = single(a)

@@ -1,6 +1,8 @@
 """Aggregators by name, for configs and command lines: ``get("pcgrad")``, ``get("trimmed_mean", trim=1)``.
 
-Modules are imported on first use, so listing names never imports every method.
+The registry maps each name to a (module, factory) pair and resolves it with ``importlib`` when
+asked, but ``gajax.aggregators`` (the package that holds this module) already imports every
+aggregator module eagerly, so importing the registry imports every method too.
 """
 
 from __future__ import annotations
