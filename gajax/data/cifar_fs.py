@@ -316,6 +316,30 @@ def _select(data: Cifar100, fine_indices: np.ndarray) -> ClassImages:
   return ClassImages(data.images[fine_indices], tuple(data.fine_names[i] for i in fine_indices))
 
 
+def _listed(path, split, cache_dir, expected_images, allow_unverified, kind):
+  """``(split, data, indices)``: ``kind``'s split list checked and located among ``data``'s names.
+
+  ``kind`` is ``"cifar_fs"`` (fine class names) or ``"fc100"`` (superclass names).
+  """
+  split = normalise_split(split)
+  names = split_list(kind, split, allow_unverified)
+  fine = kind == "cifar_fs"
+  expected, what = ((CIFAR_FS_NUM_CLASSES[split], "classes") if fine
+                    else (FC100_NUM_SUPERCLASSES[split], "superclasses"))
+  if len(names) != expected:
+    raise ValueError(f"gajax/data/splits/{kind}_{split}.txt: lists {len(names)} {what}, expected "
+                     f"{expected}")
+  data = load_cifar100(path, cache_dir, expected_images=expected_images)
+  known = data.fine_names if fine else data.coarse_names
+  index = {n: i for i, n in enumerate(known)}
+  missing = [n for n in names if n not in index]
+  if missing:
+    label, item, among = ("CIFAR-FS", "class", "fine classes") if fine else ("FC100", "superclass",
+                                                                            "superclasses")
+    raise ValueError(f"{path}: {label} {split} {item} {missing[0]!r} is not among the data's {among}")
+  return split, data, np.asarray([index[n] for n in names])
+
+
 def load_cifar_fs(path: PathLike, split: str, cache_dir: Optional[PathLike] = None, *,
                   expected_images: Optional[int] = NUM_IMAGES, allow_unverified: bool = False) -> ClassImages:
   """One split of CIFAR-FS (64 / 16 / 20 classes): ``images: uint8 [C, 600, 32, 32, 3]``.
@@ -323,17 +347,8 @@ def load_cifar_fs(path: PathLike, split: str, cache_dir: Optional[PathLike] = No
   Args: as :func:`load_cifar100`, plus ``split`` (``"train"``, ``"val"``/``"validation"``, ``"test"``) and
   ``allow_unverified`` (use a split list marked ``UNVERIFIED``; none shipped is).
   """
-  split = normalise_split(split)
-  names = split_list("cifar_fs", split, allow_unverified)
-  if len(names) != CIFAR_FS_NUM_CLASSES[split]:
-    raise ValueError(f"gajax/data/splits/cifar_fs_{split}.txt: lists {len(names)} classes, expected "
-                     f"{CIFAR_FS_NUM_CLASSES[split]}")
-  data = load_cifar100(path, cache_dir, expected_images=expected_images)
-  index = {n: i for i, n in enumerate(data.fine_names)}
-  missing = [n for n in names if n not in index]
-  if missing:
-    raise ValueError(f"{path}: CIFAR-FS {split} class {missing[0]!r} is not among the data's fine classes")
-  return _select(data, np.asarray([index[n] for n in names]))
+  _, data, classes = _listed(path, split, cache_dir, expected_images, allow_unverified, "cifar_fs")
+  return _select(data, classes)
 
 
 def load_fc100(path: PathLike, split: str, cache_dir: Optional[PathLike] = None, *,
@@ -342,17 +357,8 @@ def load_fc100(path: PathLike, split: str, cache_dir: Optional[PathLike] = None,
 
   Args: as :func:`load_cifar_fs`. Class names are the fine names; every listed superclass must hold 5.
   """
-  split = normalise_split(split)
-  supers = split_list("fc100", split, allow_unverified)
-  if len(supers) != FC100_NUM_SUPERCLASSES[split]:
-    raise ValueError(f"gajax/data/splits/fc100_{split}.txt: lists {len(supers)} superclasses, expected "
-                     f"{FC100_NUM_SUPERCLASSES[split]}")
-  data = load_cifar100(path, cache_dir, expected_images=expected_images)
-  index = {n: i for i, n in enumerate(data.coarse_names)}
-  missing = [n for n in supers if n not in index]
-  if missing:
-    raise ValueError(f"{path}: FC100 {split} superclass {missing[0]!r} is not among the data's superclasses")
-  fine = np.flatnonzero(np.isin(data.coarse_of_fine, [index[n] for n in supers]))
+  split, data, supers = _listed(path, split, cache_dir, expected_images, allow_unverified, "fc100")
+  fine = np.flatnonzero(np.isin(data.coarse_of_fine, supers))
   if fine.size != NUM_FINE // NUM_COARSE * len(supers):
     raise ValueError(f"{path}: the FC100 {split} superclasses hold {fine.size} classes, expected "
                      f"{NUM_FINE // NUM_COARSE * len(supers)}")
