@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -62,18 +61,29 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
 
   if steps == 0:
     return params, jnp.zeros((0,), jnp.float32)
+  return checkpointed_scan(step, params, None, steps, remat=remat)
+
+
+def checkpointed_scan(step, carry, xs, length: int, *, remat: bool):
+  """``jax.lax.scan(step, carry, xs, length=length)``, with the memory of its backward pass bounded.
+
+  With ``remat`` the ``length`` steps run as ``ceil(length / b)`` blocks of ``b = ceil(sqrt(length))``
+  steps, each block under ``jax.checkpoint``: differentiating stores the carry at block boundaries
+  only and recomputes one block at a time (memory ~ ``sqrt(length)``, about one more forward pass).
+  The result is the plain scan's. ``xs`` leaves (or ``None``) have a leading axis ``length``;
+  ``length >= 1``.
+  """
   if not remat:
-    return jax.lax.scan(step, params, None, length=steps)
-  block = math.ceil(math.sqrt(steps))
-
-  @functools.partial(jax.checkpoint, static_argnums=(1,))
-  def run_block(p, length):
-    return jax.lax.scan(step, p, None, length=length)
-
-  full, rest = divmod(steps, block)
-  params, losses = jax.lax.scan(lambda p, _: run_block(p, block), params, None, length=full)
-  losses = [jnp.reshape(losses, (-1,))]
+    return jax.lax.scan(step, carry, xs, length=length)
+  block = math.ceil(math.sqrt(length))
+  full, rest = divmod(length, block)
+  run_block = jax.checkpoint(lambda c, x, n: jax.lax.scan(step, c, x, length=n), static_argnums=(2,))
+  head = None if xs is None else jax.tree_util.tree_map(
+      lambda r: jnp.reshape(r[:full * block], (full, block) + r.shape[1:]), xs)
+  carry, out = jax.lax.scan(lambda c, x: run_block(c, x, block), carry, head, length=full)
+  out = jax.tree_util.tree_map(lambda o: jnp.reshape(o, (full * block,) + o.shape[2:]), out)
   if rest:
-    params, tail = run_block(params, rest)
-    losses.append(tail)
-  return params, jnp.concatenate(losses)
+    tail = None if xs is None else jax.tree_util.tree_map(lambda r: r[full * block:], xs)
+    carry, out_tail = run_block(carry, tail, rest)
+    out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, out_tail)
+  return carry, out

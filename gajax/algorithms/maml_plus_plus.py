@@ -14,13 +14,12 @@ annealing of the outer learning rate (CA) is an optax schedule, see :mod:`gajax.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from gajax.adaptation import adapt
+from gajax.adaptation import adapt, checkpointed_scan
 from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement,
                                    _support_loss)
 
@@ -99,27 +98,10 @@ def _inner_loop(loss_fn, params, support, rates, *, steps, query=None, first_ord
       return p, loss
     return p, (loss, loss_fn(p, query))
 
-  def run(p, xs, length):
-    return jax.lax.scan(step, p, xs, length=length)
-
   if steps == 0:
     empty = jnp.zeros((0,), jnp.float32)
     return params, empty, (None if query is None else empty)
-  xs = rates if per_step else None
-  if not remat:
-    params, out = run(params, xs, steps)
-  else:
-    block = math.ceil(math.sqrt(steps))
-    full, rest = divmod(steps, block)
-    run_block = jax.checkpoint(run, static_argnums=(2,))
-    blocked = None if xs is None else jax.tree_util.tree_map(
-        lambda r: jnp.reshape(r[:full * block], (full, block)), xs)
-    params, out = jax.lax.scan(lambda p, x: run_block(p, x, block), params, blocked, length=full)
-    out = jax.tree_util.tree_map(lambda o: jnp.reshape(o, (-1,)), out)
-    if rest:
-      tail_xs = None if xs is None else jax.tree_util.tree_map(lambda r: r[full * block:], xs)
-      params, tail = run_block(params, tail_xs, rest)
-      out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+  params, out = checkpointed_scan(step, params, rates if per_step else None, steps, remat=remat)
   if query is None:
     return params, out, None
   return params, out[0], out[1]
