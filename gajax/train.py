@@ -175,9 +175,9 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
   state = exp.place(state)
 
   def evaluate_now(params):
-    means, cis = _summarise(to_numpy(evaluate(params, eval_key, exp.task.eval_data)), stacked)
-    return means, cis
+    return to_numpy(evaluate(params, eval_key, exp.task.eval_data))
 
+  last_eval = None  # (step, per-task values) of the latest in-loop evaluation
   blocks = {}  # block length -> jitted block of meta-steps
   start = time.perf_counter()
   done = first = steps_of(state)
@@ -197,7 +197,8 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
           metrics_file.write(json.dumps({"step": done - count + i + 1,
                                          **{k: v[i] for k, v in metrics.items()}}) + "\n")
       if config.eval_every and (done % config.eval_every == 0 or done == config.num_iterations):
-        means, cis = evaluate_now(state.params)
+        last_eval = (done, evaluate_now(state.params))
+        means, cis = _summarise(last_eval[1], stacked)
         if metrics_file is not None:
           metrics_file.write(json.dumps({"step": done, "eval_mean": means, "eval_ci95": cis}) + "\n")
       out_of_time = (max_train_seconds is not None
@@ -223,7 +224,9 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
       checkpointer.close()
   train_seconds = time.perf_counter() - start
 
-  values = to_numpy(evaluate(state.params, eval_key, exp.task.eval_data))
+  # An evaluation at the final step (eval_every dividing it) is not run twice.
+  values = (last_eval[1] if last_eval is not None and last_eval[0] == steps_of(state)
+            else evaluate_now(state.params))
   means, cis = _summarise(values, stacked)
   result = {"metric": exp.task.metric, "mean": means, "ci95": cis,
             "num_tasks": int(values.shape[-1]), "seed": seeds if stacked else config.seed,
