@@ -79,7 +79,14 @@ def main(argv):
     except ValueError as e:
       sys.exit(f"error: {e}")
     results.append({"algorithm": algorithm, "aggregator": aggregator, "signal": signal, **out})
+    # Rewritten after every row: a long comparison that is interrupted keeps the rows it finished.
+    report(results, seeds, shared, final=False)
+  report(results, seeds, shared, final=True)
 
+
+def report(results, seeds, shared, final):
+  """Fills in each row's mean, interval and paired difference; prints the table (when final) and
+  writes --json."""
   command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   metric = results[0]["metric"]
   base = np.asarray(results[0]["per_seed"])
@@ -93,13 +100,18 @@ def main(argv):
     lines.append(f"| {r['algorithm']} | {r['aggregator']} | {r['signal']} | {r['mean']:.4f} ± "
                  f"{r['ci95']:.4f} | {r['diff_mean']:+.4f} ± {r['diff_ci95']:.4f} | "
                  f"{' '.join(f'{v:.3f}' for v in values)} | {r['seconds'] / 60:.1f} |")
-  print(f"\n{command}\n(each seed: {shared['eval_tasks']} unseen tasks; settings: "
-        f"{json.dumps(shared)})\n")
-  print("\n".join(lines))
+  if final:
+    print(f"\n{command}\n(each seed: {shared['eval_tasks']} unseen tasks; settings: "
+          f"{json.dumps(shared)})\n")
+    print("\n".join(lines))
+  else:
+    print(lines[-1], flush=True)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump({"command": command, "settings": shared, "seeds": seeds, "rows": results}, f, indent=2)
-
+    tmp = FLAGS.json + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"command": command, "settings": shared, "seeds": seeds, "rows": results,
+                 "complete": final}, f, indent=2)
+    os.replace(tmp, FLAGS.json)
 
 if __name__ == "__main__":
   app.run(main, flags_parser=_cli.parse_flags)
