@@ -8,6 +8,7 @@
 
 from gajax import aggregators, algorithms, diagnostics, meta, models, tasks
 from gajax.adaptation import adapt
+from gajax.fast_ops import batchable
 from gajax.config import TrainConfig
 from gajax.algorithms import MetaLearner, MetaSGDParams, TaskAux, fomaml, maml, meta_sgd, per_task, reptile
 from gajax.meta import MetaState, init_state, make_block, make_evaluate, make_meta_step, mean_ci95

@@ -59,23 +59,26 @@ def make_task(config: TrainConfig) -> Task:
 def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -> algorithms.MetaLearner:
   """The algorithm of ``config`` on ``loss_fn`` (``inner_steps``: override, e.g. for evaluation)."""
   steps = config.inner_steps if inner_steps is None else inner_steps
+  # conv_impl="xla" asks for XLA's own convolutions, so the loss is not rewritten into patch
+  # products either (gajax.fast_ops.batchable); every other setting keeps the algorithms' default.
+  fast = {"fast_ops": config.conv_impl != "xla"}
   if config.algorithm == "metasgd":
-    return algorithms.meta_sgd(loss_fn, inner_steps=steps)
+    return algorithms.meta_sgd(loss_fn, inner_steps=steps, **fast)
   if config.algorithm == "reptile":
-    return algorithms.reptile(loss_fn, inner_steps=steps, inner_lr=config.inner_lr)
+    return algorithms.reptile(loss_fn, inner_steps=steps, inner_lr=config.inner_lr, **fast)
   if config.algorithm == "anil":  # the inner loop adapts the head only (the last Dense layer)
     return algorithms.anil(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
-                           adapt=models.head_mask)
+                           adapt=models.head_mask, **fast)
   if config.algorithm == "maml++":
     return algorithms.maml_plus_plus(
         loss_fn, inner_steps=steps, inner_lr=config.inner_lr, lslr=config.lslr,
         multi_step_loss=config.multi_step_loss, msl_anneal_steps=config.msl_anneal_steps,
-        first_order_steps=config.first_order_steps)
+        first_order_steps=config.first_order_steps, **fast)
   if config.algorithm == "imaml":
     return algorithms.imaml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
-                            lam=config.imaml_lambda, cg_steps=config.cg_steps)
+                            lam=config.imaml_lambda, cg_steps=config.cg_steps, **fast)
   return algorithms.maml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
-                         first_order=config.algorithm == "fomaml")
+                         first_order=config.algorithm == "fomaml", **fast)
 
 
 def make_tx(config: TrainConfig) -> optax.GradientTransformation:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gajax.fast_ops import conv_as_patches, max_pool_as_reshape
+
 CONV_IMPLS = ("auto", "matmul", "xla")
 INITS = ("flax", "torch", "maml")
 HEAD_INPUTS = ("flatten", "mean")  # Conv4.head_input
@@ -107,15 +109,11 @@ def conv_as_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int
   cores; BUILD.md). The patches are ``kh * kw`` strided slices of the padded input, so the backward
   pass (and MAML's second-order pass) is slices, pads and matrix products only.
   """
-  kh, kw, cin, features = kernel.shape
-  pads = lax.padtype_to_pads(x.shape[1:3], (kh, kw), (stride, stride), "SAME")
-  x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-  out_h = (x.shape[1] - kh) // stride + 1
-  out_w = (x.shape[2] - kw) // stride + 1
-  patches = jnp.concatenate(
-      [x[:, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride, :]
-       for dy in range(kh) for dx in range(kw)], axis=-1)  # [N, out_h, out_w, kh * kw * C]
-  return patches @ kernel.reshape(kh * kw * cin, features) + bias
+  pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), "SAME")
+  dimensions = lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  return conv_as_patches(x, kernel, window_strides=(stride, stride), padding=pads,
+                         lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+                         dimension_numbers=dimensions) + bias
 
 
 class MatmulConv(nn.Module):
@@ -147,9 +145,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   tied maxima the gradient is shared among them instead of going to the first; after a ReLU such
   ties are zeros, whose gradient the ReLU zeroes anyway.
   """
-  n, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2, :]
-  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+  return max_pool_as_reshape(x, window_dimensions=(1, 2, 2, 1))
 
 
 def resolve_conv_impl(conv: str) -> str:

@@ -19,6 +19,9 @@ Suites (``--suite``), one module each in ``scripts/benchmarks/`` (its docstring 
                without it).
   memory       XLA's working memory and time of MAML, checkpointed (remat) MAML and FOMAML at several
                inner-step counts.
+  user_model   a Conv-4 written in plain flax.linen (max-pool or strided) through gajax's public API,
+               with and without ``fast_ops`` (gajax.fast_ops.batchable), against gajax's own Conv-4 and a
+               PyTorch loop (when torch is installed).
 
 Workloads are ``gajax.train.TrainConfig``s built into meta-steps by the run factory of
 ``gajax.train`` (``scripts/benchmarks/workloads.py``). Every comparison is timed inside one process
@@ -35,10 +38,11 @@ import time
 from absl import app, flags
 
 import _cli
-from benchmarks import aggregators, conv, flops, memory, meta_step, peers, timing, workloads
+from benchmarks import (aggregators, conv, flops, memory, meta_step, peers, timing, user_model,
+                        workloads)
 from benchmarks.common import log
 
-SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory")
+SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory", "user_model")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
@@ -64,7 +68,8 @@ flags.DEFINE_string("torch_device", "cpu", "Device of the PyTorch baseline in th
 FLAGS = flags.FLAGS
 
 RUNNERS = {"aggregators": aggregators.run, "meta_step": meta_step.run, "conv": conv.run,
-           "flops": flops.run, "peers": peers.run, "memory": memory.run}
+           "flops": flops.run, "peers": peers.run, "memory": memory.run,
+           "user_model": user_model.run}
 assert set(RUNNERS) == set(SUITES)
 
 

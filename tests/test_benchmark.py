@@ -36,7 +36,7 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   data = json.loads(out.read_text())
   assert data["quick"] is True and data["device"].startswith("cpu")
   rows = data["rows"]
-  expected = ({"aggregators", "meta_step", "conv", "flops", "memory"}
+  expected = ({"aggregators", "meta_step", "conv", "flops", "memory", "user_model"}
               | ({"peers"} if HAVE_TORCH else set()))
   assert {r["suite"] for r in rows} == expected
   for r in rows:
@@ -61,6 +61,10 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   assert set(memory) == {(k, v) for k in (1, 3) for v in ("maml", "maml+remat", "fomaml")}
   assert all(r["temp_bytes"] > 0 and r["baseline"] == "maml" for r in memory.values())
   assert memory[(3, "fomaml")]["temp_bytes"] < memory[(3, "maml")]["temp_bytes"]
+  user = {r["config"]: r for r in rows if r["suite"] == "user_model"}
+  assert {"conv4_pool fast_ops", "conv4_pool plain", "conv4_pool gajax Conv4"} <= set(user)
+  assert all(r["baseline"] == "fast_ops" for c, r in user.items() if not c.endswith("fast_ops"))
+  assert ("conv4_pool torch loop" in user) == HAVE_TORCH
   if HAVE_TORCH:
     torch_rows = [r for r in rows if r["suite"] == "peers" and " torch " in r["config"]]
     assert torch_rows and all(r["baseline"] == "gajax" and r["implementation"] and "ratio" in r

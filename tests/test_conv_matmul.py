@@ -109,7 +109,9 @@ def test_conv4_implementations_share_parameters_and_maml_meta_gradients(downsamp
       def loss_fn(p, batch, model=model):
         logits = model.apply(p, batch["x"])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
-      learner = algorithms.maml(loss_fn, inner_steps=1, inner_lr=0.4)
+      # fast_ops=False: the XLA model stays the independent reference (not rewritten by
+      # gajax.fast_ops.batchable into the very products it is compared with).
+      learner = algorithms.maml(loss_fn, inner_steps=1, inner_lr=0.4, fast_ops=impl == "matmul")
       batch = {"x": x, "y": y}
       through_max = downsample == "pool" and impl == "matmul"  # max_pool_2x2's gradient is a max's
       updates[impl] = (jit_through_max if through_max else jit)(algorithms.per_task(learner))(

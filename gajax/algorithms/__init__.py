@@ -10,6 +10,11 @@ gradients), :mod:`~gajax.algorithms.maml_plus_plus` (MAML++'s LSLR, multi-step l
 annealing).
 
 ``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``.
+Every algorithm takes ``fast_ops=True`` (the default): ``loss_fn`` is wrapped in
+:func:`gajax.fast_ops.batchable`, which computes its convolutions as patch matrix products and its
+non-overlapping max-pools as reshapes, the forms that stay fast when ``per_task`` batches per-task
+parameters (any Flax ``linen.Conv`` / ``nnx.Conv`` model; same function to float rounding);
+``fast_ops=False`` keeps the program as written.
 """
 
 from gajax.algorithms.anil import anil

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gajax.adaptation import adapt as adapt_loop
-from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement,
+from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast,
                                    _support_loss)
 
 PyTree = Any
@@ -67,7 +67,7 @@ def _inner_lr(inner_lr, params, mask):
 
 
 def anil(loss_fn: LossFn, *, inner_steps: int, inner_lr: float | PyTree, adapt: Mask,
-         first_order: bool = False, remat: bool = False) -> MetaLearner:
+         first_order: bool = False, remat: bool = False, fast_ops: bool = True) -> MetaLearner:
   r"""ANIL, "Almost No Inner Loop" (Raghu et al., 2020, "Rapid Learning or Feature Reuse?").
 
   The parameters split into a head ``theta_head`` (the leaves ``adapt`` marks True) and a body
@@ -105,6 +105,7 @@ def anil(loss_fn: LossFn, *, inner_steps: int, inner_lr: float | PyTree, adapt: 
     adapted parameters ``(theta_body, phi_k)``.
   """
   _check("anil", inner_steps, inner_lr)
+  loss_fn = _fast(loss_fn, fast_ops)
   if not callable(adapt):
     _check_mask_leaves(adapt)  # Fail at construction already; the structure is checked per call.
 

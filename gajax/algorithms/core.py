@@ -7,7 +7,9 @@ Every algorithm returns a :class:`MetaLearner`, a frozen dataclass that is itsel
 it (``optax.sgd``, ``optax.adam``, ...), so MAML's update is the query meta-gradient and Reptile's is
 the displacement ``theta - theta_i``. Batch over tasks with :func:`gajax.per_task`.
 
-``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``.
+``support`` and ``query`` are arbitrary pytrees handed unchanged to ``loss_fn(params, batch)``;
+every algorithm first passes ``loss_fn`` through :func:`_fast` (``fast_ops``, see
+:mod:`gajax.fast_ops`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from gajax.fast_ops import batchable
 
 
 PyTree = Any
@@ -81,6 +85,12 @@ def _check(name, inner_steps, inner_lr=None):
     raise ValueError(f"{name}: inner_steps must be an int >= 0, got {inner_steps!r}.")
   if inner_lr is not None and isinstance(inner_lr, (int, float)) and not inner_lr >= 0:
     raise ValueError(f"{name}: inner_lr must be >= 0, got {inner_lr!r}.")
+
+
+def _fast(loss_fn, fast_ops: bool):
+  """``fast_ops=True`` (every algorithm's default): the loss with its convolutions and max-pools in
+  the forms that batch well over per-task parameters (:func:`gajax.fast_ops.batchable`)."""
+  return batchable(loss_fn) if fast_ops else loss_fn
 
 
 def _adapted_loss(loss_fn, adapted, batch):

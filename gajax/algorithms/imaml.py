@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.scipy.sparse.linalg
 
 from gajax.adaptation import adapt
-from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement
+from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast
 
 PyTree = Any
 
@@ -36,7 +36,7 @@ def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol):
 
 
 def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_steps: int = 5,
-          cg_tol: float = 1e-10) -> MetaLearner:
+          cg_tol: float = 1e-10, fast_ops: bool = True) -> MetaLearner:
   r"""iMAML (Rajeswaran et al., 2019, "Meta-Learning with Implicit Gradients", NeurIPS; arXiv:1909.04630).
 
   **Inner problem.** Adaptation is regularised towards the meta-parameters ``theta`` (the paper's
@@ -98,6 +98,7 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     cg_tol: relative residual at which CG stops early (>= 0).
   """
   _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol)
+  loss_fn = _fast(loss_fn, fast_ops)
 
   def inner(params, support):
     theta = jax.lax.stop_gradient(params)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from gajax.adaptation import adapt
-from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement,
+from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast,
                                    _support_loss)
 
 PyTree = Any
@@ -21,7 +21,7 @@ class MetaSGDParams(NamedTuple):
 
 
 def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
-         first_order: bool = False, remat: bool = False) -> MetaLearner:
+         first_order: bool = False, remat: bool = False, fast_ops: bool = True) -> MetaLearner:
   r"""MAML (Finn et al., 2017): the meta-gradient of the query loss after ``inner_steps`` steps.
 
   .. math:: u(\theta) = \nabla_\theta\, L_{query}(\theta_k(\theta)),\quad
@@ -34,6 +34,7 @@ def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
   pass of the loop (see :func:`gajax.adaptation.adapt`); the update is the same.
   """
   _check("maml", inner_steps, inner_lr)
+  loss_fn = _fast(loss_fn, fast_ops)
 
   def adapt_fn(params, support):
     return adapt(loss_fn, params, support, steps=inner_steps, lr=inner_lr,
@@ -54,13 +55,13 @@ def maml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
   return MetaLearner("fomaml" if first_order else "maml", update_fn, adapt_fn)
 
 
-def fomaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float) -> MetaLearner:
+def fomaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, fast_ops: bool = True) -> MetaLearner:
   """First-order MAML: :func:`maml` with ``first_order=True``."""
-  return maml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, first_order=True)
+  return maml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, first_order=True, fast_ops=fast_ops)
 
 
 def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False,
-             remat: bool = False) -> MetaLearner:
+             remat: bool = False, fast_ops: bool = True) -> MetaLearner:
   r"""Meta-SGD (Li et al., 2017): MAML with per-parameter inner learning rates learned in the outer loop.
 
   Meta-parameters are :class:`MetaSGDParams` ``(theta, alpha)`` with ``alpha`` shaped like ``theta``
@@ -70,6 +71,7 @@ def meta_sgd(loss_fn: LossFn, *, inner_steps: int = 1, first_order: bool = False
   parameters only. ``remat`` bounds the memory of the backward pass as in :func:`maml`.
   """
   _check("meta_sgd", inner_steps)
+  loss_fn = _fast(loss_fn, fast_ops)
 
   def adapt_fn(meta_params, support):
     return adapt(loss_fn, meta_params.params, support, steps=inner_steps,

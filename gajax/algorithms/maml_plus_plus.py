@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gajax.adaptation import adapt, checkpointed_scan
-from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement,
+from gajax.algorithms.core import (LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast,
                                    _support_loss)
 
 PyTree = Any
@@ -124,7 +124,8 @@ def _check_rates(meta_params, inner_steps):
 
 def maml_plus_plus(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lslr: bool = False,
                    multi_step_loss: bool = False, msl_anneal_steps: int = 0,
-                   first_order_steps: int = 0, remat: bool = False) -> MetaLearner:
+                   first_order_steps: int = 0, remat: bool = False,
+                   fast_ops: bool = True) -> MetaLearner:
   r"""MAML++ (Antoniou, Edwards & Storkey, 2019, "How to train your MAML", ICLR, section 4).
 
   The inner loop, with ``k = inner_steps`` steps on the support loss ``L_s``,
@@ -172,6 +173,7 @@ def maml_plus_plus(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lslr: 
   outer step count (int32 scalar; :meth:`MetaLearner.with_aux` defaults it to 0).
   """
   _check("maml_plus_plus", inner_steps, inner_lr)
+  loss_fn = _fast(loss_fn, fast_ops)
   if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool):
     raise ValueError(f"maml_plus_plus: inner_lr must be a Python float, got {inner_lr!r}.")
   for name, value in (("msl_anneal_steps", msl_anneal_steps), ("first_order_steps", first_order_steps)):

@@ -7,12 +7,13 @@ from typing import Any
 import jax
 
 from gajax.adaptation import adapt
-from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement
+from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast
 
 PyTree = Any
 
 
-def reptile(loss_fn: LossFn, *, inner_steps: int, inner_lr: float) -> MetaLearner:
+def reptile(loss_fn: LossFn, *, inner_steps: int, inner_lr: float,
+            fast_ops: bool = True) -> MetaLearner:
   r"""Reptile (Nichol et al., 2018): the update is the inner-loop displacement ``theta - theta_k``.
 
   The inner loop runs plain SGD on the *support* data only; the query data never joins it. The query
@@ -21,6 +22,7 @@ def reptile(loss_fn: LossFn, *, inner_steps: int, inner_lr: float) -> MetaLearne
   ``theta <- theta + beta (theta_k - theta)``.
   """
   _check("reptile", inner_steps, inner_lr)
+  loss_fn = _fast(loss_fn, fast_ops)
   if inner_steps == 0:
     raise ValueError("reptile: inner_steps must be >= 1 (with 0 the update is always zero).")
 
