@@ -22,7 +22,10 @@ from gajax import aggregators
 from gajax.models import CONV_IMPLS, HEAD_INPUTS, INITS
 from gajax.tasks import corruption
 
-TASKS = ("sinusoid", "binary", "omniglot")
+# Few-shot image classification read from a researcher's own files (gajax.tasks.images).
+IMAGE_TASKS = ("mini_imagenet", "cifar_fs", "fc100")
+CLASSIFICATION_TASKS = ("omniglot",) + IMAGE_TASKS
+TASKS = ("sinusoid", "binary") + CLASSIFICATION_TASKS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")
 # Algorithms with an inner displacement theta - theta_i that is not already their update.
 DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml", "maml++")
@@ -59,13 +62,14 @@ class TrainConfig:
   num_iterations: int = 10_000
   shots: int = 10
   queries: int = 10
-  eval_queries: int | None = None  # None: 100 points for sinusoid/binary, `queries` for omniglot.
-  ways: int = 5  # omniglot only
-  data_dir: str = ""  # omniglot only; "" means $GAJAX_DATA_DIR
-  split: str = "maml"  # omniglot only
-  conv_downsample: str = "stride"  # omniglot only
-  conv_impl: str = "auto"  # omniglot only: how Conv-4 computes (gajax.models.Conv4.conv)
-  conv_head_input: str = "flatten"  # omniglot only: "mean" is MAML's (configs/omniglot.py uses it)
+  eval_queries: int | None = None  # None: 100 points for sinusoid/binary, `queries` for the others.
+  ways: int = 5  # classification tasks only
+  data_dir: str = ""  # omniglot: "" means $GAJAX_DATA_DIR; image tasks: required (your copy)
+  split: str = "maml"  # omniglot only (image tasks train on train, evaluate on test)
+  conv_downsample: str = "stride"  # classification tasks only
+  conv_impl: str = "auto"  # classification tasks only: how Conv-4 computes (gajax.models.Conv4.conv)
+  conv_head_input: str = "flatten"  # classification only: "mean" is MAML's on Omniglot
+  conv_filters: int = 0  # Conv-4's width; 0: the task's (64 on Omniglot, 32 on the image tasks)
   init: str = ""  # the model's initialisation (gajax.models.INITS); "": the task's default
   corrupt_fraction: float = 0.0  # share of every training meta-batch's tasks that is corrupted
   corruption: str = ""  # how (gajax.tasks.corruption.CORRUPTIONS); needed when corrupt_fraction > 0
@@ -143,10 +147,15 @@ class TrainConfig:
     need(self.corruption in corruption.CORRUPTIONS + ("",),
          f"corruption must be one of {', '.join(corruption.CORRUPTIONS)}; got {self.corruption!r}.")
     need(not (self.init and self.task == "binary"),
-         "init applies to the sinusoid MLP and Omniglot's Conv-4, not to binary's logistic regression.")
+         "init applies to the sinusoid MLP and the Conv-4 of the image tasks, not to binary's logistic "
+         "regression.")
     need(self.eval_queries is None or self.eval_queries >= 1,
          f"eval_queries must be >= 1; got {self.eval_queries}.")
-    need(self.task != "omniglot" or self.ways >= 2, f"ways must be >= 2; got {self.ways}.")
+    need(self.task not in CLASSIFICATION_TASKS or self.ways >= 2, f"ways must be >= 2; got {self.ways}.")
+    need(self.task not in IMAGE_TASKS or bool(self.data_dir),
+         f"data_dir is required for task={self.task}: point it at your copy of the data set "
+         "(README, 'Beyond Omniglot').")
+    need(self.conv_filters >= 0, f"conv_filters must be >= 0; got {self.conv_filters}.")
     for name in ("meta_batch_size", "shots", "queries", "eval_tasks", "num_iterations", "log_every"):
       need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}.")
     need(self.aggregator not in ("trimmed_mean", "krum") or self.meta_batch_size >= 3,

@@ -14,7 +14,7 @@ import jax
 import optax
 
 from gajax import aggregators, algorithms, meta, models
-from gajax.config import TrainConfig
+from gajax.config import CLASSIFICATION_TASKS, IMAGE_TASKS, TrainConfig
 from gajax.tasks import binary, corruption, sinusoid
 from gajax.tasks.base import Task
 
@@ -43,12 +43,19 @@ def make_aggregator(name: str, num_tasks: int) -> optax.GradientTransformationEx
 def make_task(config: TrainConfig) -> Task:
   """The task distribution of ``config`` (Omniglot is loaded, through its cache, here)."""
   init = {"init": config.init} if config.init else {}
+  filters = {"filters": config.conv_filters} if config.conv_filters else {}
   if config.task == "omniglot":
     from gajax.tasks import omniglot  # pylint: disable=import-outside-toplevel
     return omniglot.make_task(config.ways, config.shots, config.queries, config.eval_queries,
                               data_dir=config.data_dir or None, split=config.split,
                               downsample=config.conv_downsample, conv=config.conv_impl,
-                              head_input=config.conv_head_input, **init)
+                              head_input=config.conv_head_input, **init, **filters)
+  if config.task in IMAGE_TASKS:
+    from gajax.tasks import images  # pylint: disable=import-outside-toplevel
+    return images.make_task(config.task, config.ways, config.shots, config.queries,
+                            config.eval_queries, data_dir=config.data_dir,
+                            downsample=config.conv_downsample, conv=config.conv_impl,
+                            head_input=config.conv_head_input, **init, **filters)
   eval_queries = 100 if config.eval_queries is None else config.eval_queries
   if config.task == "binary":
     return binary.make_task(shots=config.shots, queries=config.queries, eval_queries=eval_queries)
@@ -153,7 +160,7 @@ def make_experiment(config: TrainConfig) -> Experiment:
     # Evaluation stays clean: only the training sampler is wrapped.
     sample = corruption.make_corrupted_sampler(
         sample, fraction=config.corrupt_fraction, kind=config.corruption,
-        num_classes=config.ways if config.task == "omniglot" else 2)
+        num_classes=config.ways if config.task in CLASSIFICATION_TASKS else 2)
   step = meta.make_meta_step(learner, tx, sample, config.meta_batch_size, signal=config.signal,
                              mesh=mesh)
   evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks)

@@ -61,7 +61,9 @@ flags.DEFINE_integer("checkpoint_every", 500, "Meta-steps between checkpoints (w
 FLAGS = flags.FLAGS
 
 _PER_ROW = ("aggregator", "signal", "corrupt_fraction", "corruption", "seed")
-DEFAULT_CORRUPTIONS = {"sinusoid": ["noise", "amplitude", "sign_flip"], "omniglot": ["permute_labels"]}
+DEFAULT_CORRUPTIONS = {"sinusoid": ["noise", "amplitude", "sign_flip"], "omniglot": ["permute_labels"],
+                       "mini_imagenet": ["permute_labels"], "cifar_fs": ["permute_labels"],
+                       "fc100": ["permute_labels"]}
 
 
 # Settings that do not change a row's result (where the data is, how often progress is printed).

@@ -96,3 +96,21 @@ def test_no_module_of_the_library_imports_absl_or_names_a_flag():
       assert not any(n.split(".")[0] in ("absl", "ml_collections") for n in names), (path, names)
       if isinstance(node, ast.Constant) and isinstance(node.value, str):
         assert not any(f"--{f}" in node.value for f in fields), (path, node.value[:80])
+
+
+@pytest.mark.parametrize("protocol, shots, batch", [
+    (f"{task}_{name}", shots, batch) for task in ("mini_imagenet", "cifar_fs", "fc100")
+    for name, shots, batch in (("5w1s", 1, 4), ("5w5s", 5, 2))])
+def test_image_protocols_are_maml_s_mini_imagenet_settings(protocol, shots, batch):
+  values = load("images").get_config(protocol).to_dict()
+  # Without your copy of the data set the config is refused with one line that says so.
+  with pytest.raises(ValueError, match="data_dir is required for task="):
+    TrainConfig.from_dict(values).validate()
+  c = TrainConfig.from_dict({**values, "data_dir": "/your/copy"}).validate()
+  assert protocol.startswith(c.task)
+  # MAML (Finn et al., 2017, sec. 5.2 and code): 5 steps at 0.01 (10 at test), 15 queries,
+  # meta-batch 4 / 2, Conv-4 with 32 filters and max-pooling, flattened head, 600 test tasks.
+  assert (c.ways, c.shots, c.queries, c.meta_batch_size) == (5, shots, 15, batch)
+  assert (c.inner_steps, c.inner_lr, c.eval_inner_steps) == (5, 0.01, 10)
+  assert (c.conv_filters, c.conv_downsample, c.conv_head_input) == (32, "pool", "flatten")
+  assert (c.outer_lr, c.optimizer, c.num_iterations, c.eval_tasks) == (1e-3, "adam", 60_000, 600)
