@@ -235,3 +235,33 @@ def head_mask(params) -> dict:
 
   return {collection: {name: layer_mask(collection, name, layer) for name, layer in layers.items()}
           for collection, layers in params.items()}
+
+
+class ResNet12(nn.Module):
+  """ResNet-12, the backbone of TADAM (Oreshkin et al., 2018) and MetaOptNet (Lee et al., 2019).
+
+  Four residual blocks of widths ``widths`` (default 64-160-320-640). Each block: three
+  [3x3 conv (no bias) -> :class:`BatchStatNorm`] with a leaky ReLU (slope 0.1) after the first two,
+  plus a 1x1 conv -> batch norm shortcut; their sum through a leaky ReLU, then 2x2 max-pooling. The
+  last map is averaged over space and a linear head gives ``num_classes`` logits. Input
+  ``[B, H, W, C]``; on 84x84 mini-ImageNet the maps are 42, 21, 10 and 5 pixels wide (12.4M
+  parameters at the default widths). Kernels are He-normal (fan-out), as MetaOptNet initialises them.
+
+  Batch norm uses batch statistics (MAML's transductive setting); DropBlock, which MetaOptNet trains
+  with, is not included. Written with ``nn.Conv`` and ``nn.max_pool``: gajax's algorithms compute them
+  as patch products and reshapes under ``per_task`` (``fast_ops``, :mod:`gajax.fast_ops`).
+  """
+  num_classes: int
+  widths: Sequence[int] = (64, 160, 320, 640)
+
+  @nn.compact
+  def __call__(self, x):
+    he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    for width in self.widths:
+      shortcut = BatchStatNorm()(nn.Conv(width, (1, 1), use_bias=False, kernel_init=he)(x))
+      for i in range(3):
+        x = BatchStatNorm()(nn.Conv(width, (3, 3), use_bias=False, kernel_init=he)(x))
+        if i < 2:
+          x = nn.leaky_relu(x, 0.1)
+      x = nn.max_pool(nn.leaky_relu(x + shortcut, 0.1), (2, 2), strides=(2, 2))
+    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))

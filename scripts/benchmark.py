@@ -19,6 +19,8 @@ Suites (``--suite``), one module each in ``scripts/benchmarks/`` (its docstring 
                without it).
   memory       XLA's working memory and time of MAML, checkpointed (remat) MAML and FOMAML at several
                inner-step counts.
+  images       step time and XLA working memory at mini-ImageNet's size (84x84x3, MAML's 5-way
+               1-shot settings) for Conv-4 and ResNet-12: MAML, checkpointed MAML, FOMAML.
   user_model   a Conv-4 written in plain flax.linen (max-pool or strided) through gajax's public API,
                with and without ``fast_ops`` (gajax.fast_ops.batchable), against gajax's own Conv-4 and a
                PyTorch loop (when torch is installed).
@@ -38,11 +40,11 @@ import time
 from absl import app, flags
 
 import _cli
-from benchmarks import (aggregators, conv, flops, memory, meta_step, peers, timing, user_model,
-                        workloads)
+from benchmarks import (aggregators, conv, flops, images, memory, meta_step, peers, timing,
+                        user_model, workloads)
 from benchmarks.common import log
 
-SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory", "user_model")
+SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory", "images", "user_model")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
@@ -69,7 +71,7 @@ FLAGS = flags.FLAGS
 
 RUNNERS = {"aggregators": aggregators.run, "meta_step": meta_step.run, "conv": conv.run,
            "flops": flops.run, "peers": peers.run, "memory": memory.run,
-           "user_model": user_model.run}
+           "images": images.run, "user_model": user_model.run}
 assert set(RUNNERS) == set(SUITES)
 
 

@@ -36,7 +36,7 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   data = json.loads(out.read_text())
   assert data["quick"] is True and data["device"].startswith("cpu")
   rows = data["rows"]
-  expected = ({"aggregators", "meta_step", "conv", "flops", "memory", "user_model"}
+  expected = ({"aggregators", "meta_step", "conv", "flops", "memory", "images", "user_model"}
               | ({"peers"} if HAVE_TORCH else set()))
   assert {r["suite"] for r in rows} == expected
   for r in rows:
@@ -46,6 +46,8 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
       assert r["baseline"] and 0 < r["ratio_min"] <= r["ratio_max"], r
   configs = {r["config"] for r in rows}
   assert "mean T=2 P=1e+03" in configs and "gradient_agreement T=2 P=1e+03" in configs
+  assert all(r["gramian_gflops_per_s"] > 0 for r in rows if r["config"].startswith("gramian (alone)"))
+  assert "gramian (alone) T=2 P=1e+03" in configs
   assert any("gradient_agreement" in c and r["suite"] == "meta_step" and "ratio" in r
              for r in rows for c in [r["config"]])
   assert {"sinusoid maml per-task vmap", "sinusoid maml per-task loop"} <= configs
@@ -61,6 +63,9 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   assert set(memory) == {(k, v) for k in (1, 3) for v in ("maml", "maml+remat", "fomaml")}
   assert all(r["temp_bytes"] > 0 and r["baseline"] == "maml" for r in memory.values())
   assert memory[(3, "fomaml")]["temp_bytes"] < memory[(3, "maml")]["temp_bytes"]
+  images = {r["config"]: r for r in rows if r["suite"] == "images"}
+  assert set(images) == {"conv4 maml", "conv4 fomaml"}
+  assert images["conv4 fomaml"]["temp_bytes"] < images["conv4 maml"]["temp_bytes"]
   user = {r["config"]: r for r in rows if r["suite"] == "user_model"}
   assert {"conv4_pool fast_ops", "conv4_pool plain", "conv4_pool gajax Conv4"} <= set(user)
   assert all(r["baseline"] == "fast_ops" for c, r in user.items() if not c.endswith("fast_ops"))

@@ -180,3 +180,24 @@ def test_user_models_under_per_task_maml_equal_the_plain_program(flavour):
     assert not {"conv_general_dilated", "reduce_window_max", "select_and_scatter_add"} & names
     assert "conv_general_dilated" in primitives(
         lambda p: gajax.per_task(learners[1])(p, supports, queries), params)
+
+
+def test_resnet12_shape_parameters_and_fast_ops_forward():
+  from gajax.models import ResNet12
+  # MetaOptNet's count, from the architecture: per block 3x3 convs c->w, w->w, w->w, a 1x1 shortcut,
+  # 4 batch norms (scale, bias); then a 640 -> 5 head.
+  count, c = 0, 3
+  for w in (64, 160, 320, 640):
+    count += 9 * c * w + 2 * 9 * w * w + c * w + 4 * 2 * w
+    c = w
+  count += 640 * 5 + 5
+  model = ResNet12(5)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3)))
+  assert sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(shapes)) == count == 12_427_525
+  assert jax.eval_shape(model.apply, shapes, jnp.zeros((2, 84, 84, 3))).shape == (2, 5)
+  small = ResNet12(3, widths=(2, 3, 3, 4))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  params = jit(small.init)(jax.random.PRNGKey(2), x)
+  f = lambda p, x: small.apply(p, x)
+  np.testing.assert_allclose(jit(batchable(f))(params, x), jit(f)(params, x), rtol=2e-5, atol=2e-5)
+  assert not {"conv_general_dilated", "reduce_window_max"} & primitives(batchable(f), params, x)

@@ -4,7 +4,7 @@
   common       what every suite shares: the flags' repeat settings, the row format, progress lines.
   workloads    the meta-learning workloads (a name and a ``gajax.train.TrainConfig``), built into
                meta-steps and ``lax.scan`` blocks with the run factory of ``gajax.train``.
-  aggregators, meta_step, conv, flops, memory, peers, user_model
+  aggregators, meta_step, conv, flops, memory, peers, images, user_model
                the suites; each has ``run(rows)``, which appends its rows and returns skip records.
 
 Command-line flags are defined by ``scripts/benchmark.py`` and read here through ``absl.flags.FLAGS``

@@ -5,6 +5,7 @@ T in {2, 8, 32, 128} tasks and P in {1e4, 1e6} parameters (``--quick``: T in {2,
 aggregators of one (T, P) timed interleaved in one process; rows carry the ratio to ``mean``.
 Aggregators are built as training runs build them (``gajax.train.make_aggregator``), except
 ``trimmed_mean``, which cuts a quarter of the tasks at each end here (so it runs at T = 2 too).
+A ``gramian (alone)`` row times the float32 ``[T, T]`` Gramian by itself, with its GFLOP/s.
 """
 
 import functools
@@ -73,11 +74,18 @@ def run(rows):
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
           continue
         contenders[name] = (fn, (updates, state, params))
+      # The T x T Gramian alone (what every Gramian-based aggregator computes first), to separate
+      # its cost from the weights' solver: 2 T^2 P flops, reported as achieved GFLOP/s.
+      contenders["gramian (alone)"] = (jax.jit(aggregators.gramian), (updates,))
       config = f"T={num_tasks} P={num_params:.0e}"
       log(f"aggregators: {config}: timing {len(contenders)} aggregators, interleaved")
       timings = timed(contenders, min_sample_s=0.002 if FLAGS.quick else 0.02)
       for name, t in timings.items():
+        extra = {}
+        if name == "gramian (alone)":
+          gflops = 2 * num_tasks ** 2 * num_params / t.median / 1e9
+          extra = {"gramian_gflops_per_s": gflops, "notes": f"{gflops:.1f} GFLOP/s"}
         rows.append(row("aggregators", f"{name} {config}", t, aggregator=name,
                         num_tasks=num_tasks, num_params=num_params, baseline="mean",
-                        **timing.paired_ratio(t, timings["mean"])))
+                        **timing.paired_ratio(t, timings["mean"]), **extra))
       del updates, contenders
