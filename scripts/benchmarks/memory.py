@@ -2,7 +2,8 @@
 
 Conv-4/stride-2 5-way 1-shot, 32 tasks (``--quick``: 2-way, 4 filters), at each ``--memory_steps``
 inner-step count (``--quick``: 1 and 3): the per-task updates of one meta-batch (sample, per-task
-updates, mean over tasks) with MAML, MAML with its inner loop checkpointed (``remat=True``) and FOMAML.
+updates, mean over tasks) with MAML, MAML with its inner loop checkpointed (``remat=True``), FOMAML and
+iMAML (implicit gradients: 5 conjugate-gradient steps, lambda = 2; no backward pass through the loop).
 Memory is XLA's compiled analysis (``temp_size_in_bytes``, the working memory of the program; it
 grows with the activations kept for the backward pass); time is the interleaved median per call.
 Rows carry both as ratios to plain MAML. The device's own peak is not reported: it cannot be reset
@@ -20,7 +21,10 @@ from benchmarks.workloads import named, task_of
 from gajax import algorithms
 from gajax.train import make_learner
 
-VARIANTS = ("maml", "maml+remat", "fomaml")
+VARIANTS = ("maml", "maml+remat", "fomaml", "imaml")
+# iMAML's regulariser and solver in these rows: configs/omniglot.py:5w1s_imaml's (lambda = 2, 5 CG
+# steps); its inner loop has the row's step count at the row's inner rate.
+IMAML = {"imaml_lambda": 2.0, "cg_steps": 5}
 
 
 def learner_of(config, variant, loss_fn):
@@ -29,7 +33,8 @@ def learner_of(config, variant, loss_fn):
   if variant == "maml+remat":
     return algorithms.maml(loss_fn, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                            remat=True)
-  return make_learner(dataclasses.replace(config, algorithm=variant), loss_fn)
+  extra = IMAML if variant == "imaml" else {}
+  return make_learner(dataclasses.replace(config, algorithm=variant, **extra), loss_fn)
 
 
 def run(rows):
