@@ -25,8 +25,9 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 steps at 0.1 (5 at evaluation), learned per-layer per-step rates, the multi-step
                 loss annealed over 5,000 steps (10 "epochs" of 500), first order for the first
                 25,000 steps (50 epochs), a cosine outer schedule, meta-batch 8, 75,000 steps (150
-                epochs). Our reading of the paper and of public MAML++ configurations, not checked
-                against the authors' code; per-step batch norm is not implemented.
+                epochs), per-step batch-norm weights and biases (BNWB). Our reading of the paper
+                and of public MAML++ configurations, not checked against the authors' code; per-step
+                running statistics (BNRS) do not apply (batch norm uses batch statistics).
 
 The aggregator is the library's default (gradient agreement); ``--config.aggregator=mean`` gives MAML.
 The data: ``$GAJAX_DATA_DIR`` when set, else the project's copy at ``../shared/data/omniglot/``
@@ -55,7 +56,7 @@ PROTOCOLS = {
     "5w1s_mamlpp": {"ways": 5, "shots": 1, "queries": 1, "algorithm": "maml++", "meta_batch_size": 8,
                     "inner_steps": 5, "inner_lr": 0.1, "lslr": True, "multi_step_loss": True,
                     "msl_anneal_steps": 5000, "first_order_steps": 25_000,
-                    "outer_lr_schedule": "cosine", "num_iterations": 75_000},
+                    "outer_lr_schedule": "cosine", "num_iterations": 75_000, "bnwb": True},
     "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
                    "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5},
 }

@@ -31,7 +31,7 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")
 DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml", "maml++")
 OUTER_LR_SCHEDULES = ("constant", "cosine")
 # MAML++ switches (Antoniou et al., 2019): they apply to algorithm="maml++" only.
-MAMLPP_FIELDS = ("lslr", "multi_step_loss", "msl_anneal_steps", "first_order_steps")
+MAMLPP_FIELDS = ("lslr", "multi_step_loss", "msl_anneal_steps", "first_order_steps", "bnwb")
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
 SPLITS = ("maml", "lake")
@@ -86,6 +86,7 @@ class TrainConfig:
   multi_step_loss: bool = False  # maml++ only: query losses after every inner step, annealed weights
   msl_anneal_steps: int = 0  # maml++ only: outer steps over which those weights anneal to the last
   first_order_steps: int = 0  # maml++ only: first order before this outer step, second order after
+  bnwb: bool = False  # maml++ only: per-step batch-norm weights and biases (Conv-4 tasks)
   outer_lr_schedule: str = "constant"  # or "cosine": from outer_lr to outer_lr / 100 (MAML++'s CA)
 
   @classmethod
@@ -171,12 +172,18 @@ class TrainConfig:
     changed = [f for f in MAMLPP_FIELDS if getattr(self, f) != getattr(defaults, f)]
     need(self.algorithm == "maml++" or not changed,
          f"{', '.join(changed)} apply to algorithm='maml++' only; got algorithm={self.algorithm!r}.")
+    need(not self.bnwb or self.task in CLASSIFICATION_TASKS,
+         f"bnwb needs a model with batch norm (a classification task's Conv-4); got task={self.task!r}.")
+    need(not self.bnwb or self.inner_steps >= 1, "bnwb needs inner_steps >= 1.")
     for name in ("msl_anneal_steps", "first_order_steps"):
       need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}.")
     need(not self.multi_step_loss or (self.msl_anneal_steps >= 1 and self.inner_steps >= 1),
          "multi_step_loss needs msl_anneal_steps >= 1 and inner_steps >= 1.")
     need(not self.lslr or self.eval_inner_steps in (None, self.inner_steps),
          "lslr learns one rate per inner step: eval_inner_steps must equal inner_steps (or be unset).")
+    need(not self.bnwb or self.eval_inner_steps in (None, self.inner_steps),
+         "bnwb learns one copy of batch norm per inner step: eval_inner_steps must equal inner_steps "
+         "(or be unset).")
     need(not (self.algorithm == "anil" and self.task == "binary"),
          "algorithm=anil adapts the model's head; binary's logistic regression has no body to share.")
     need(self.eval_inner_steps is None or self.eval_inner_steps >= 0,

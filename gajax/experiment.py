@@ -80,7 +80,8 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
     return algorithms.maml_plus_plus(
         loss_fn, inner_steps=steps, inner_lr=config.inner_lr, lslr=config.lslr,
         multi_step_loss=config.multi_step_loss, msl_anneal_steps=config.msl_anneal_steps,
-        first_order_steps=config.first_order_steps, **fast)
+        first_order_steps=config.first_order_steps,
+        per_step=models.batch_norm_mask if config.bnwb else None, **fast)
   if config.algorithm == "imaml":
     return algorithms.imaml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                             lam=config.imaml_lambda, cg_steps=config.cg_steps, **fast)
@@ -141,8 +142,10 @@ def make_experiment(config: TrainConfig) -> Experiment:
     params = task.init_params(init_key)
     if config.algorithm == "metasgd":
       params = algorithms.meta_sgd_init(params, config.inner_lr)
-    if config.algorithm == "maml++" and config.lslr:
-      params = algorithms.maml_plus_plus_init(params, config.inner_lr, config.inner_steps)
+    if config.algorithm == "maml++" and (config.lslr or config.bnwb):
+      params = algorithms.maml_plus_plus_init(
+          params, config.inner_lr, config.inner_steps, lslr=config.lslr,
+          per_step=models.batch_norm_mask if config.bnwb else None)
     state = meta.init_state(train_key, params, tx)
     return state._replace(opt_state=aggregators.with_key(
         state.opt_state, jax.random.fold_in(key, _AGGREGATOR_STREAM)))

@@ -237,6 +237,25 @@ def head_mask(params) -> dict:
           for collection, layers in params.items()}
 
 
+def batch_norm_mask(params) -> dict:
+  """A bool pytree like ``params``: True for the scale and bias of every :class:`BatchStatNorm`.
+
+  Flax names those modules ``BatchStatNorm_<i>`` (at any depth), in :class:`Conv4` and
+  :class:`ResNet12` alike. The mask selects what MAML++'s per-step batch-norm weights and biases
+  (BNWB) copy per inner step (:func:`gajax.algorithms.maml_plus_plus`).
+
+  Raises:
+    ValueError: ``params`` has no ``BatchStatNorm`` parameter.
+  """
+  def is_bn(path, _):
+    return any(str(getattr(k, "key", "")).startswith("BatchStatNorm_") for k in path)
+
+  mask = jax.tree_util.tree_map_with_path(is_bn, params)
+  if not any(jax.tree_util.tree_leaves(mask)):
+    raise ValueError("batch_norm_mask: params has no BatchStatNorm_<i> layer; pass an explicit mask.")
+  return mask
+
+
 class ResNet12(nn.Module):
   """ResNet-12, the backbone of TADAM (Oreshkin et al., 2018) and MetaOptNet (Lee et al., 2019).
 

@@ -114,3 +114,13 @@ def test_image_protocols_are_maml_s_mini_imagenet_settings(protocol, shots, batc
   assert (c.inner_steps, c.inner_lr, c.eval_inner_steps) == (5, 0.01, 10)
   assert (c.conv_filters, c.conv_downsample, c.conv_head_input) == (32, "pool", "flatten")
   assert (c.outer_lr, c.optimizer, c.num_iterations, c.eval_tasks) == (1e-3, "adam", 60_000, 600)
+
+
+def test_bnwb_is_for_maml_plus_plus_on_a_batch_norm_model():
+  with pytest.raises(ValueError, match="apply to algorithm='maml\\+\\+' only"):
+    TrainConfig(task="omniglot", bnwb=True).validate()
+  with pytest.raises(ValueError, match="bnwb needs a model with batch norm"):
+    TrainConfig(algorithm="maml++", bnwb=True).validate()
+  with pytest.raises(ValueError, match="bnwb learns one copy of batch norm per inner step"):
+    TrainConfig(task="omniglot", algorithm="maml++", bnwb=True, eval_inner_steps=3).validate()
+  TrainConfig(task="omniglot", algorithm="maml++", bnwb=True).validate()

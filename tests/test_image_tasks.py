@@ -97,3 +97,28 @@ def test_short_maml_run_learns_the_class_signal(mini_imagenet, tmp_path, monkeyp
   out = train_and_evaluate(config, str(tmp_path / "run"), print_fn=lambda *a, **k: None)
   # Chance is 1/3; the classes' colour patterns make the unseen test classes easy after adaptation.
   assert out["metric"] == "accuracy" and out["mean"] > 0.65, out
+
+
+def test_maml_plus_plus_bnwb_runs_and_learns_one_batch_norm_per_step(mini_imagenet, tmp_path,
+                                                                     monkeypatch):
+  from gajax import meta  # pylint: disable=import-outside-toplevel
+  from gajax.train import make_experiment, seed_keys  # pylint: disable=import-outside-toplevel
+  real = image_tasks.make_task
+  monkeypatch.setattr(image_tasks, "make_task", lambda *a, **kw: real(
+      *a, **kw, cache_dir=tmp_path / "cache",
+      loader_kwargs={"image_size": SIZE, "expected_classes": None, "expected_images": PER_CLASS}))
+  config = TrainConfig(task="mini_imagenet", data_dir=str(mini_imagenet), ways=2, shots=1, queries=2,
+                       meta_batch_size=2, inner_steps=2, inner_lr=0.1, conv_filters=4,
+                       conv_downsample="pool", algorithm="maml++", bnwb=True, lslr=True,
+                       aggregator="mean", eval_tasks=4, num_devices=1).validate()
+  exp = make_experiment(config)
+  state = exp.init(seed_keys(0)[0])
+  scale = state.params.per_step["params"]["BatchStatNorm_0"]["scale"]
+  assert scale.shape == (2, 4) and np.allclose(scale[0], scale[1])
+  assert state.params.params["params"]["BatchStatNorm_0"]["scale"] is None
+  new, metrics = jax.jit(meta.make_block(exp.step, 2))(state, exp.task.train_data)
+  assert np.all(np.isfinite(metrics["query_loss"]))
+  scale = np.asarray(new.params.per_step["params"]["BatchStatNorm_0"]["scale"])
+  assert not np.allclose(scale[0], scale[1])  # each step's copy learns its own values
+  values = jax.jit(exp.evaluate)(new.params, seed_keys(0)[1], exp.task.eval_data)
+  assert values.shape == (4,) and np.all(np.isfinite(values))

@@ -187,3 +187,98 @@ def test_init_adapt_and_argument_validation():
                        (dict(multi_step_loss=True, msl_anneal_steps=5, inner_steps=0), "inner_steps")]:
     with pytest.raises(ValueError, match=name):
       maml_plus_plus(loss_fn, **{"inner_steps": K, "inner_lr": LR, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------
+# BNWB: per-step copies of the batch-norm parameters.
+
+def bn_problem():
+  """A 1 -> 8 -> BatchStatNorm -> tanh -> 1 regressor in float64 on one sinusoid task."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from gajax.models import BatchStatNorm  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(jnp.tanh(BatchStatNorm()(nn.Dense(8)(x))))
+
+  _, support, query, _ = sinusoid_problem()
+  net = Net()
+  params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64),
+                                  net.init(jax.random.PRNGKey(3), support["x"]))
+  # Non-trivial batch-norm parameters, so that scale and bias matter.
+  params["params"]["BatchStatNorm_0"] = {
+      "scale": np.linspace(0.5, 1.5, 8), "bias": np.linspace(-0.3, 0.3, 8)}
+
+  def loss_fn(p, batch):
+    return jnp.mean(jnp.square(net.apply(p, batch["x"]) - batch["y"]))
+
+  return params, support, query, loss_fn
+
+
+def test_bnwb_with_equal_copies_is_maml_with_batch_norm_frozen_in_the_inner_loop():
+  from gajax.algorithms.anil import anil  # pylint: disable=import-outside-toplevel
+  from gajax.models import batch_norm_mask  # pylint: disable=import-outside-toplevel
+  with jax.enable_x64(True):
+    params, support, query, loss_fn = bn_problem()
+    mask = batch_norm_mask(params)
+    assert sorted(jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m) \
+        == ["['params']['BatchStatNorm_0']['bias']", "['params']['BatchStatNorm_0']['scale']"]
+    meta = maml_plus_plus_init(params, LR, K, lslr=False, per_step=batch_norm_mask)
+    learner = maml_plus_plus(loss_fn, inner_steps=K, inner_lr=LR, per_step=batch_norm_mask)
+    got, aux = jax.jit(learner.with_aux)(meta, support, query, jnp.int32(0))
+    # Independent path: ANIL adapting everything but batch norm, which is meta-learned only.
+    frozen = anil(loss_fn, inner_steps=K, inner_lr=LR,
+                  adapt=jax.tree_util.tree_map(lambda m: not m, mask))
+    want, want_aux = jax.jit(frozen.with_aux)(params, support, query)
+    for path, m in jax.tree_util.tree_leaves_with_path(mask):
+      w = functools.reduce(lambda t, k: t[k.key], path, want)
+      if m:  # one shared beta used at every step: its gradient is the sum of the copies'
+        g = functools.reduce(lambda t, k: t[k.key], path, got.per_step)
+        assert g.shape == (K,) + w.shape
+        np.testing.assert_allclose(g.sum(0), w, rtol=1e-10, atol=1e-12)
+        assert all(float(np.abs(g[s]).max()) > 1e-6 for s in range(K))  # every copy is used
+      else:
+        np.testing.assert_allclose(functools.reduce(lambda t, k: t[k.key], path, got.params), w,
+                                   rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(aux.query_loss, want_aux.query_loss, rtol=1e-12)
+    assert_trees_close(learner.adapt(meta, support), frozen.adapt(params, support), rtol=1e-10)
+
+
+def test_bnwb_meta_gradient_matches_finite_differences_with_distinct_copies():
+  from gajax.models import batch_norm_mask  # pylint: disable=import-outside-toplevel
+  with jax.enable_x64(True):
+    params, support, query, loss_fn = bn_problem()
+    meta = maml_plus_plus_init(params, LR, K, per_step=batch_norm_mask)  # LSLR too
+    rng = np.random.default_rng(0)
+    meta = meta._replace(  # every step's copy and rate different
+        per_step=jax.tree_util.tree_map(lambda c: c + 0.2 * rng.standard_normal(c.shape), meta.per_step),
+        inner_lr=random_rates(meta.params))
+    learner = maml_plus_plus(loss_fn, inner_steps=K, inner_lr=LR, lslr=True, per_step=batch_norm_mask)
+    fn = jax.jit(learner.with_aux)
+    grads, _ = fn(meta, support, query, jnp.int32(0))
+    direction = jax.tree_util.tree_map(lambda x: rng.standard_normal(np.shape(x)), meta)
+    eps = 1e-6
+    shifted = lambda sign: jax.tree_util.tree_map(lambda x, d: x + sign * eps * d, meta, direction)
+    numeric = (fn(shifted(1), support, query, jnp.int32(0))[1].query_loss
+               - fn(shifted(-1), support, query, jnp.int32(0))[1].query_loss) / (2 * eps)
+    analytic = sum(float(np.vdot(g, d)) for g, d in zip(jax.tree_util.tree_leaves(grads),
+                                                         jax.tree_util.tree_leaves(direction)))
+    np.testing.assert_allclose(analytic, float(numeric), rtol=1e-6)
+
+
+def test_bnwb_argument_validation():
+  from gajax.models import batch_norm_mask  # pylint: disable=import-outside-toplevel
+  params, support, query, loss_fn = bn_problem()
+  learner = maml_plus_plus(loss_fn, inner_steps=K, inner_lr=LR, per_step=batch_norm_mask)
+  with pytest.raises(ValueError, match="with per_step the meta-parameters must be MAMLPlusPlusParams"):
+    learner(params, support, query, 0)
+  with pytest.raises(ValueError, match="hold no per-step copies"):
+    learner(maml_plus_plus_init(params, LR, K), support, query, 0)
+  with pytest.raises(ValueError, match="expected a leading axis of 3"):
+    learner(maml_plus_plus_init(params, LR, K + 1, lslr=False, per_step=batch_norm_mask), support,
+            query, 0)
+  with pytest.raises(ValueError, match="per_step needs inner_steps >= 1"):
+    maml_plus_plus(loss_fn, inner_steps=0, inner_lr=LR, per_step=batch_norm_mask)
+  with pytest.raises(ValueError, match="no BatchStatNorm"):
+    batch_norm_mask(sinusoid_problem()[0])

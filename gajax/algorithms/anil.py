@@ -34,15 +34,14 @@ def combine(selected: PyTree, rest: PyTree) -> PyTree:
                                 is_leaf=lambda x: x is None)
 
 
-def _check_mask_leaves(mask):
+def _check_mask_leaves(mask, what: str = "anil: adapt", hint: str = "mark the head's leaves True"):
   leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
   for path, leaf in leaves:
     if not isinstance(leaf, (bool, np.bool_)):
-      raise ValueError(f"anil: adapt must be a pytree of Python bools (or a callable returning one); "
+      raise ValueError(f"{what} must be a pytree of Python bools (or a callable returning one); "
                        f"leaf {jax.tree_util.keystr(path)} is {leaf!r} of type {type(leaf).__name__}.")
   if not any(bool(leaf) for _, leaf in leaves):
-    raise ValueError("anil: adapt selects no parameter for the inner loop (every leaf is False); "
-                     "mark the head's leaves True.")
+    raise ValueError(f"{what} selects no parameter (every leaf is False); {hint}.")
 
 
 def _resolve_mask(adapt, params):
