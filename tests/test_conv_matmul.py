@@ -39,8 +39,10 @@ def reference_conv(x, kernel, bias, stride):
   return out + bias
 
 
-@pytest.mark.parametrize("size, stride, cin, cout", [(28, 2, 1, 4), (7, 2, 3, 5), (4, 2, 2, 2),
-                                                     (9, 1, 2, 3), (6, 1, 1, 2)])
+# conv_as_matmul is conv_as_patches (gajax.fast_ops) with "SAME" padding; tests/test_fast_ops.py checks
+# that against XLA for general layouts, strides, paddings and dilations. Here: the padding it derives,
+# odd and even sizes at stride 2 (asymmetric "SAME") and stride 1.
+@pytest.mark.parametrize("size, stride, cin, cout", [(7, 2, 3, 5), (4, 2, 2, 2), (9, 1, 2, 3)])
 def test_conv_as_matmul_matches_xla_values_and_derivatives(size, stride, cin, cout):
   with jax.enable_x64(True):
     keys = jax.random.split(jax.random.PRNGKey(size * 10 + stride), 4)
