@@ -8,11 +8,13 @@ gajax's own Conv-4 is written in the fast form. :func:`batchable` gives a user's
 without touching its code: it traces ``fn`` to a jaxpr and evaluates that jaxpr with
 
 * every ``lax.conv_general_dilated`` (``flax.linen.Conv``, ``nnx.Conv``, any layout, strides,
-  padding, input and kernel dilation; one feature group) computed as im2col: the padded, dilated
-  input's ``prod(kernel_size)`` strided slices concatenated along the feature axis, times the kernel
-  reshaped to ``[prod(kernel_size) * C_in, C_out]``:
-  ``y[n, o, s] = sum_{k, c} x_pad[n, s * stride + k * dilation, c] W[k, c, o]``, the definition of
-  the convolution, summed in another order (float64: equal to rounding; ``tests/test_fast_ops.py``);
+  padding, input and kernel dilation; one feature group) computed by matrix products of the padded,
+  dilated input's ``prod(kernel_size)`` strided slices, the definition of the convolution
+  ``y[n, o, s] = sum_{k, c} x_pad[n, s * stride + k * dilation, c] W[k, c, o]`` summed in another
+  order (float64: equal to rounding; ``tests/test_fast_ops.py``): as im2col (the slices
+  concatenated, one product with the kernel as ``[prod(kernel_size) * C_in, C_out]``) while that
+  patch matrix is moderate, else as a sum of one product per kernel offset, which needs no more
+  memory than the input (:func:`conv_as_patches`);
 * every non-overlapping, unpadded max-pool (``nn.max_pool(x, w, strides=w)``) as a reshape and a max.
   Where a window holds tied maxima, the gradient is shared among them instead of going to one.
 
@@ -42,13 +44,28 @@ _MAX_POOL = jex.primitives.reduce_window_max_p
 _JIT = jex.primitives.jit_p
 
 
+# Above this many elements (per call, as traced: one task's batch under per_task) the patch matrix is
+# not built: the convolution is summed from one product per kernel offset instead (``form="shifted"``).
+PATCH_LIMIT = 2 ** 26
+
+
 def conv_as_patches(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation,
-                    dimension_numbers, precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated`` with one feature and batch group, computed as im2col.
+                    dimension_numbers, precision=None, preferred_element_type=None, form="auto"):
+  """``lax.conv_general_dilated`` with one feature and batch group, computed by matrix products.
+
+  ``form="patches"`` (im2col): the ``prod(K)`` strided slices concatenated into ``[N, *out, K * C]``,
+  times the kernel as ``[K * C, O]``: one large product, but ``prod(K)`` times the input's memory
+  (9x for 3x3), in the forward and the backward pass. ``form="shifted"``: the sum over kernel
+  offsets ``k`` of ``slice_k(x) @ W[k]``, ``prod(K)`` products of depth ``C`` and no patch matrix.
+  ``"auto"`` takes ``"patches"`` while the patch matrix has at most :data:`PATCH_LIMIT` elements
+  (all of gajax's Omniglot and mini-ImageNet Conv-4 layers), else ``"shifted"`` (e.g. ResNet-12's
+  64-channel layers at 84x84, where patches for 4 tasks of 80 images would take tens of GB).
 
   Args take ``lax.conv_general_dilated_p``'s parameters: ``padding`` explicit ``(low, high)`` pairs
   (negative allowed), ``dimension_numbers`` a ``lax.ConvDimensionNumbers``. Shapes as that primitive's.
   """
+  if form not in ("auto", "patches", "shifted"):
+    raise ValueError(f"form must be 'auto', 'patches' or 'shifted'; got {form!r}.")
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   nsp = len(lhs_spec) - 2
   x = _transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))          # [N, *S, C]
@@ -67,10 +84,20 @@ def conv_as_patches(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dila
     limit = [x.shape[0], *(s + (n - 1) * st + 1 for s, n, st in zip(start[1:], out, window_strides)),
              x.shape[-1]]
     slices.append(lax.slice(x, start, limit, [1, *window_strides, 1]))
-  patches = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)  # [N, *out, K*C]
-  y = lax.dot_general(patches, w.reshape(math.prod(kernel) * w.shape[-2], w.shape[-1]),
-                      (((patches.ndim - 1,), (0,)), ((), ())), precision=precision,
-                      preferred_element_type=preferred_element_type)       # [N, *out, O]
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  if form == "auto":
+    form = "patches" if len(slices) * slices[0].size <= PATCH_LIMIT else "shifted"
+  if form == "patches":
+    patches = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)  # [N, *out, K*C]
+    y = lax.dot_general(patches, w.reshape(math.prod(kernel) * w.shape[-2], w.shape[-1]), dims,
+                        precision=precision, preferred_element_type=preferred_element_type)
+  else:
+    taps = w.reshape(math.prod(kernel), w.shape[-2], w.shape[-1])          # [K, C, O]
+    y = None
+    for i, piece in enumerate(slices):
+      term = lax.dot_general(piece, taps[i], dims, precision=precision,
+                             preferred_element_type=preferred_element_type)
+      y = term if y is None else y + term                                  # [N, *out, O]
   # y's axes are (batch, *spatial, feature); place them where out_spec says.
   perm = [0] * y.ndim
   perm[out_spec[0]], perm[out_spec[1]] = 0, y.ndim - 1

@@ -80,14 +80,33 @@ def test_conv_rewrite_matches_xla_values_and_derivatives(case):
       np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_conv_as_patches_is_lax_conv_with_its_parameters():
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 7, 3))
-  k = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 3, 5))
-  dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-  got = conv_as_patches(x, k, window_strides=(1, 2), padding=((1, 1), (0, 1)), lhs_dilation=(1, 1),
-                        rhs_dilation=(1, 1), dimension_numbers=dn)
-  want = lax.conv_general_dilated(x, k, (1, 2), ((1, 1), (0, 1)), dimension_numbers=dn)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("form", ["patches", "shifted"])
+def test_both_forms_are_lax_conv_with_its_parameters(form):
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 7, 3), jnp.float64)
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 3, 5), jnp.float64)
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    kw = dict(window_strides=(1, 2), padding=((1, 1), (0, 1)), lhs_dilation=(1, 1),
+              rhs_dilation=(2, 1), dimension_numbers=dn)
+    ours = lambda x, k: jnp.sum(jnp.sin(conv_as_patches(x, k, form=form, **kw)))
+    ref = lambda x, k: jnp.sum(jnp.sin(lax.conv_general_dilated(
+        x, k, kw["window_strides"], kw["padding"], rhs_dilation=kw["rhs_dilation"],
+        dimension_numbers=dn)))
+    got, want = jit(jax.value_and_grad(ours, (0, 1)))(x, k), jit(jax.value_and_grad(ref, (0, 1)))(x, k)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+    names = primitives(lambda x, k: conv_as_patches(x, k, form=form, **kw), x, k)
+    assert ("concatenate" in names) == (form == "patches")
+
+
+def test_auto_form_skips_the_patch_matrix_above_the_limit(monkeypatch):
+  from gajax import fast_ops  # pylint: disable=import-outside-toplevel
+  conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  x, k = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+  assert "concatenate" in primitives(batchable(conv), x, k)  # 2*6*6*27 elements: patches
+  monkeypatch.setattr(fast_ops, "PATCH_LIMIT", 100)
+  assert "concatenate" not in primitives(batchable(conv), x, k)
 
 
 def test_max_pool_rewrite_matches_flax_values_and_gradient():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
@@ -36,3 +38,20 @@ class Task(NamedTuple):
   metric: str
   train_data: PyTree = None
   eval_data: PyTree = None
+
+
+def classifier_fns(model) -> tuple[Callable, Callable]:
+  """``(loss_fn, accuracy)`` of a Flax classifier ``model`` on batches ``{"x", "y"}``.
+
+  ``loss_fn``: mean softmax cross-entropy of ``model.apply(params, x)`` against the integer labels
+  ``y``; ``accuracy``: the fraction of argmax predictions equal to ``y``. Both ``(params, batch) ->
+  scalar``, as :class:`Task` wants them.
+  """
+  def loss_fn(params, batch):
+    logits = model.apply(params, batch["x"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+  def accuracy(params, batch):
+    return jnp.mean((jnp.argmax(model.apply(params, batch["x"]), -1) == batch["y"]).astype(jnp.float32))
+
+  return loss_fn, accuracy

@@ -26,11 +26,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gajax.data import cifar_fs, mini_imagenet
 from gajax.models import Conv4
-from gajax.tasks.base import Task
+from gajax.tasks.base import Task, classifier_fns
 from gajax.tasks.omniglot import TaskIndices, sample_task_indices
 
 LOADERS = {"mini_imagenet": mini_imagenet.load_mini_imagenet, "cifar_fs": cifar_fs.load_cifar_fs,
@@ -121,12 +120,7 @@ def make_task(dataset: str, ways: int = 5, shots: int = 1, queries: int = 15,
   model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv,
                 init_scheme=init, head_input=head_input)
 
-  def loss_fn(params, batch):
-    logits = model.apply(params, batch["x"])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
-
-  def accuracy(params, batch):
-    return jnp.mean((jnp.argmax(model.apply(params, batch["x"]), -1) == batch["y"]).astype(jnp.float32))
+  loss_fn, accuracy = classifier_fns(model)
 
   def sample(key, num_tasks, images):
     return sample_tasks(key, images, num_tasks, ways, shots, queries)

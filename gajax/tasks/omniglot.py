@@ -24,11 +24,10 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gajax.data import omniglot as omniglot_data
 from gajax.models import Conv4
-from gajax.tasks.base import Task
+from gajax.tasks.base import Task, classifier_fns
 
 
 class TaskIndices(NamedTuple):
@@ -222,12 +221,7 @@ def make_task(ways: int = 5, shots: int = 1, queries: int = 1, eval_queries: Opt
                 head_input=head_input)
   size = data.images.shape[-1]
 
-  def loss_fn(params, batch):
-    logits = model.apply(params, batch["x"])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
-
-  def accuracy(params, batch):
-    return jnp.mean((jnp.argmax(model.apply(params, batch["x"]), -1) == batch["y"]).astype(jnp.float32))
+  loss_fn, accuracy = classifier_fns(model)
 
   def sample(key, num_tasks, images):
     return sample_tasks(key, images, num_tasks, ways, shots, queries, rotations)

@@ -18,13 +18,12 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import flags
 
 from gajax import meta
 from gajax.models import Conv4, resolve_conv_impl
 from gajax.tasks import sinusoid
-from gajax.tasks.base import Task
+from gajax.tasks.base import Task, classifier_fns
 from gajax.train import (Experiment, TrainConfig, make_experiment, make_learner, make_task,
                          make_tx)
 
@@ -115,12 +114,7 @@ def random_omniglot(w: Workload) -> Task:
     k_support, k_query = jax.random.split(key)
     return draw(k_support, num_tasks, c.shots), draw(k_query, num_tasks, c.queries)
 
-  def loss_fn(params, batch):
-    logits = model.apply(params, batch["x"])
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
-
-  def accuracy(params, batch):
-    return jnp.mean((jnp.argmax(model.apply(params, batch["x"]), -1) == batch["y"]).astype(jnp.float32))
+  loss_fn, accuracy = classifier_fns(model)
 
   return Task(name="omniglot", sample=sample, eval_sample=sample, loss_fn=loss_fn, metric_fn=accuracy,
               metric="accuracy",
