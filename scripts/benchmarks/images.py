@@ -82,7 +82,7 @@ def run(rows):
         log(f"images: {name} {variant}: compiled for its memory only (timing needs --big on a CPU)")
         continue
       contenders[variant] = (compiled, args)
-    timings = timed(contenders)
+    timings = timed(contenders) if contenders else {}
     for variant in variants:
       mib = memory[variant] / 2**20 if memory[variant] is not None else float("nan")
       extra = {"notes": f"{mib:.0f} MiB working memory"}
