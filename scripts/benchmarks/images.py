@@ -22,6 +22,7 @@ import gajax
 from benchmarks import timing
 from benchmarks.common import FLAGS, log, row, timed
 from gajax import models
+from gajax.tasks.base import classifier_fns
 
 VARIANTS = ("maml", "maml+remat", "fomaml")
 
@@ -38,10 +39,7 @@ def settings():
 def meta_step(model, variant, size, inner_steps, ways=5, shots=1, queries=15, tasks=4):
   """``(compiled step, args, working bytes)`` of one jitted meta-step of ``variant``."""
 
-  def loss_fn(p, batch):
-    logits = model.apply(p, batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
-
+  loss_fn, _ = classifier_fns(model)
   learner = gajax.algorithms.maml(loss_fn, inner_steps=inner_steps, inner_lr=0.01,
                                   first_order=variant == "fomaml", remat=variant == "maml+remat")
   tx = optax.chain(gajax.aggregators.mean(), optax.adam(1e-3))
