@@ -29,6 +29,30 @@ class ClassImages(NamedTuple):
   class_names: tuple
 
 
+class RaggedClassImages(NamedTuple):
+  """One split of a few-shot data set whose classes have different numbers of images.
+
+  Attributes:
+    images: uint8 ``[M, H, W, 3]``, class-major: class ``c``'s images are
+      ``images[offsets[c]:offsets[c + 1]]``. Readers of large sets return a read-only ``np.memmap``
+      of their cache, so only the images a sampler touches are read from disk.
+    offsets: int64 ``[C + 1]``, ``offsets[0] = 0``, ``offsets[C] = M``, strictly increasing.
+    class_names: the ``C`` class names.
+    superclass: int64 ``[C]``: each class's index into ``superclass_names``.
+    superclass_names: the names of the superclasses (tiered-ImageNet's high-level categories).
+  """
+  images: np.ndarray
+  offsets: np.ndarray
+  class_names: tuple
+  superclass: np.ndarray
+  superclass_names: tuple
+
+  @property
+  def counts(self) -> np.ndarray:
+    """int64 ``[C]``: images per class."""
+    return np.diff(self.offsets)
+
+
 def one_line(e: BaseException) -> str:
   """``"<Type>: <message>"`` on one line (the first line of the message), for error messages."""
   msg = str(e).strip().splitlines()

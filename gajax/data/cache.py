@@ -34,7 +34,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
@@ -151,6 +151,34 @@ def atomic_save_npz(path: Path, **arrays) -> None:
       os.fsync(dfd)
     finally:
       os.close(dfd)
+
+
+@contextlib.contextmanager
+def atomic_memmap(path: Path, shape: tuple, dtype=np.uint8) -> Iterator[np.memmap]:
+  """Yields a writable ``np.memmap`` of a new ``.npy`` that appears at ``path`` only once complete.
+
+  For arrays too large to build in memory (tiered-ImageNet's 9.5 GB train split): the caller fills
+  the yielded array; on a clean exit it is flushed, fsynced and renamed onto ``path`` (as
+  :func:`atomic_save_npz` does); on any exception (``KeyboardInterrupt`` too) the temporary file is
+  deleted, so a cache folder never holds a half-written array under a real name.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  os.close(fd)
+  try:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+    yield out
+    out.flush()
+    del out
+    with open(tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 
 
 def write_cache(path: Path, key: str, arrays: Mapping[str, np.ndarray], *, what: str,
