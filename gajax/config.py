@@ -23,7 +23,7 @@ from gajax.models import CONV_IMPLS, HEAD_INPUTS, INITS
 from gajax.tasks import corruption
 
 # Few-shot image classification read from a researcher's own files (gajax.tasks.images).
-IMAGE_TASKS = ("mini_imagenet", "cifar_fs", "fc100")
+IMAGE_TASKS = ("mini_imagenet", "cifar_fs", "fc100", "tiered_imagenet")
 CLASSIFICATION_TASKS = ("omniglot",) + IMAGE_TASKS
 TASKS = ("sinusoid", "binary") + CLASSIFICATION_TASKS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")

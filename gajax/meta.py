@@ -150,11 +150,15 @@ def mean_ci95(values: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.mean(values), 1.96 * std / jnp.sqrt(n)
 
 
+EVAL_CHUNK_SIZE = 100
+
+
 def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
-                  chunk_size: int = 100) -> Callable[[PyTree, jax.Array], jax.Array]:
+                  chunk_size: int = EVAL_CHUNK_SIZE) -> Callable[[PyTree, jax.Array], jax.Array]:
   """Builds ``evaluate(params, key, data=None) -> per-task metric [num_tasks]`` on unseen tasks.
 
-  ``data`` is handed to ``task.eval_sample`` (pass ``task.eval_data``).
+  ``data`` is handed to ``task.eval_sample`` (pass ``task.eval_data``); for a task drawn on the host
+  (``task.host``), ``data`` is ``task.host.eval_tasks(seed, num_tasks, chunk_size)`` and ``key`` unused.
   Each task: adapt on its support set with ``learner.adapt``, then ``task.metric_fn`` on its query
   set. Tasks are processed ``chunk_size`` at a time (``vmap``) to bound memory, the chunks inside one
   ``lax.map`` (jit the result). Every chunk draws its tasks from its own key, so the tasks depend on
@@ -174,7 +178,10 @@ def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
     return jax.vmap(one_task, in_axes=(None, 0, 0))(params, support, query)
 
   def evaluate(params, key, data=None):
-    values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))
+    if task.host is not None:  # data: the tasks drawn on the host, [num_chunks, chunk_size, ...]
+      values = jax.lax.map(lambda d: chunk(params, None, d), data)
+    else:
+      values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))
     return jnp.reshape(values, (-1,))[:num_tasks]
 
   return evaluate

@@ -141,6 +141,10 @@ def train(config: TrainConfig, workdir: Optional[str] = None, *, seeds: Optional
 def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
   config = exp.config
   stacked = seeds is not None
+  host = exp.task.host
+  if host is not None and stacked:
+    raise ValueError(f"task={config.task} draws its tasks on the host, one run at a time: train one "
+                     "seed per call (no seeds=[...]).")
   keys = [seed_keys(s) for s in (seeds if stacked else [config.seed])]
   if stacked:
     state = jax.vmap(exp.init)(jnp.stack([k[0] for k in keys]))
@@ -174,23 +178,36 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
     metrics_file = open(metrics_path, "a")  # pylint: disable=consider-using-with
   state = exp.place(state)
 
+  eval_data = exp.task.eval_data
+  if host is not None:  # drawn once, on the host, from the seed (see HostFeed.eval_tasks)
+    eval_data = jnp.asarray(host.eval_tasks(config.seed, config.eval_tasks,
+                                            min(meta.EVAL_CHUNK_SIZE, config.eval_tasks)))
+
   def evaluate_now(params):
-    return to_numpy(evaluate(params, eval_key, exp.task.eval_data))
+    return to_numpy(evaluate(params, eval_key, eval_data))
 
   last_eval = None  # (step, per-task values) of the latest in-loop evaluation
   blocks = {}  # block length -> jitted block of meta-steps
   start = time.perf_counter()
   done = first = steps_of(state)
+  # Tasks drawn on the host come one meta-batch per step, prefetched while the step before runs; the
+  # draw of step s depends on (seed, s) only, so a resumed run sees the same tasks.
+  feed = (host.train_batches(config.seed, config.meta_batch_size, range(done, config.num_iterations))
+          if host is not None else None)
+  shown = None  # metrics since the last progress line
   try:
     while done < config.num_iterations:
       count = min(config.log_every, config.num_iterations - done,
                   checkpoint_every - done % checkpoint_every)
       if config.eval_every:
         count = min(count, config.eval_every - done % config.eval_every)
+      if feed is not None:
+        count = 1
       if count not in blocks:
         blocks[count] = make_block(exp, count, vmap_seeds=stacked)
-      state, metrics = blocks[count](state, exp.task.train_data)
+      state, metrics = blocks[count](state, next(feed) if feed is not None else exp.task.train_data)
       metrics = _to_host(metrics)
+      shown = metrics if shown is None else {k: shown[k] + v for k, v in metrics.items()}
       done += count
       if metrics_file is not None:
         for i in range(count):
@@ -211,13 +228,18 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
         checkpointer.save(done, to_numpy(state), info)
       elif metrics_file is not None:
         metrics_file.flush()
-      print_fn(_progress_line(metrics, done, config.num_iterations,
-                              (done - first) / (time.perf_counter() - start)), flush=True)
+      if (feed is None or done % config.log_every == 0 or done == config.num_iterations or out_of_time
+          or (config.eval_every and done % config.eval_every == 0)):
+        print_fn(_progress_line(shown, done, config.num_iterations,
+                                (done - first) / (time.perf_counter() - start)), flush=True)
+        shown = None
       if out_of_time and done < config.num_iterations:
         print_fn(f"time budget of {max_train_seconds:.0f} s spent at step {done}: checkpointed; "
                  "evaluating here (run again with the same workdir to go on)")
         break
   finally:
+    if feed is not None:
+      feed.close()
     if metrics_file is not None:
       metrics_file.close()
     if checkpointer is not None:
@@ -233,6 +255,10 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
             "steps": steps_of(state), "stopped_early": steps_of(state) < config.num_iterations,
             "train_seconds_this_call": train_seconds, "device": jax.devices()[0].device_kind,
             "config": config.to_dict()}
+  if feed is not None:  # how long the device waited on the host pipeline (first batch included)
+    result["input_wait_seconds_this_call"] = feed.wait_seconds
+    print_fn(f"input: waited {feed.wait_seconds:.1f} s of {train_seconds:.1f} s of training on the host "
+             f"pipeline ({100 * feed.wait_seconds / max(train_seconds, 1e-9):.1f}%)")
   if workdir is not None:
     atomic_write(os.path.join(workdir, "eval.json"), json.dumps(result, indent=2))
   print_fn(f"eval: {exp.task.metric} {_fmt(means)} ± {_fmt(cis)} "

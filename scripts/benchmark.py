@@ -21,6 +21,9 @@ Suites (``--suite``), one module each in ``scripts/benchmarks/`` (its docstring 
                inner-step counts.
   images       step time and XLA working memory at mini-ImageNet's size (84x84x3, MAML's 5-way
                1-shot settings) for Conv-4 and ResNet-12: MAML, checkpointed MAML, FOMAML.
+  host_input   tasks drawn on the host from a memory-mapped split (tiered-ImageNet's path) and
+               prefetched: host draw and device_put times, and the share of a fed meta-step spent
+               waiting on input.
   user_model   a Conv-4 written in plain flax.linen (max-pool or strided) through gajax's public API,
                with and without ``fast_ops`` (gajax.fast_ops.batchable), against gajax's own Conv-4 and a
                PyTorch loop (when torch is installed).
@@ -40,11 +43,12 @@ import time
 from absl import app, flags
 
 import _cli
-from benchmarks import (aggregators, conv, flops, images, memory, meta_step, peers, timing,
+from benchmarks import (aggregators, conv, flops, host_input, images, memory, meta_step, peers, timing,
                         user_model, workloads)
 from benchmarks.common import log
 
-SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory", "images", "user_model")
+SUITES = ("aggregators", "meta_step", "conv", "flops", "peers", "memory", "images", "user_model",
+          "host_input")
 flags.DEFINE_list("suite", ["all"], f"Suites to run, comma-separated: {', '.join(SUITES)} or all.")
 flags.DEFINE_string("json", None, "Write every row here as JSON.")
 flags.DEFINE_string("markdown", None, "Also write the final markdown table here.")
@@ -71,7 +75,7 @@ FLAGS = flags.FLAGS
 
 RUNNERS = {"aggregators": aggregators.run, "meta_step": meta_step.run, "conv": conv.run,
            "flops": flops.run, "peers": peers.run, "memory": memory.run,
-           "images": images.run, "user_model": user_model.run}
+           "images": images.run, "user_model": user_model.run, "host_input": host_input.run}
 assert set(RUNNERS) == set(SUITES)
 
 

@@ -36,7 +36,8 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   data = json.loads(out.read_text())
   assert data["quick"] is True and data["device"].startswith("cpu")
   rows = data["rows"]
-  expected = ({"aggregators", "meta_step", "conv", "flops", "memory", "images", "user_model"}
+  expected = ({"aggregators", "meta_step", "conv", "flops", "memory", "images", "user_model",
+               "host_input"}
               | ({"peers"} if HAVE_TORCH else set()))
   assert {r["suite"] for r in rows} == expected
   for r in rows:
@@ -67,6 +68,9 @@ def test_quick_all_suites_write_rows_and_table(tmp_path):
   images = {r["config"]: r for r in rows if r["suite"] == "images"}
   assert set(images) == {"conv4 maml", "conv4 fomaml"}
   assert images["conv4 fomaml"]["temp_bytes"] < images["conv4 maml"]["temp_bytes"]
+  host = {r["config"]: r for r in rows if r["suite"] == "host_input"}
+  assert {"draw+gather", "+ device_put", "maml on device", "maml fed", "fomaml1 fed"} <= set(host)
+  assert all(0 <= host[f"{v} fed"]["input_wait_share"] < 1 for v in ("maml", "fomaml1"))
   user = {r["config"]: r for r in rows if r["suite"] == "user_model"}
   assert {"conv4_pool fast_ops", "conv4_pool plain", "conv4_pool gajax Conv4"} <= set(user)
   assert all(r["baseline"] == "fast_ops" for c, r in user.items() if not c.endswith("fast_ops"))

@@ -28,6 +28,10 @@ class Task(NamedTuple):
     loss_fn: ``(params, batch) -> scalar`` training loss for one task's batch.
     metric_fn: ``(params, batch) -> scalar`` reported metric for one task's batch.
     metric: the metric's name, ``"mse"`` or ``"accuracy"`` (accuracy as a fraction in [0, 1]).
+    host: ``None`` (tasks drawn on the device from ``train_data``), or a
+      :class:`gajax.tasks.host_pipeline.HostFeed` for data sets too big for the device: the loop then
+      hands ``sample`` each step's meta-batch drawn on the host, and ``eval_sample`` each chunk of the
+      evaluation tasks, as ``data`` (the key is unused), ``train_data``/``eval_data`` being ``None``.
   """
   name: str
   sample: Callable[[jax.Array, int, PyTree], tuple[PyTree, PyTree]]
@@ -38,6 +42,7 @@ class Task(NamedTuple):
   metric: str
   train_data: PyTree = None
   eval_data: PyTree = None
+  host: Any = None
 
 
 def classifier_fns(model) -> tuple[Callable, Callable]:

@@ -1,4 +1,5 @@
-"""Few-shot image classification from a researcher's own copy: mini-ImageNet, CIFAR-FS, FC100.
+"""Few-shot image classification from a researcher's own copy: mini-ImageNet, tiered-ImageNet,
+CIFAR-FS, FC100.
 
 The readers of :mod:`gajax.data` decode each split once into a verified uint8 cache and return
 ``ClassImages`` (``images: uint8 [C, N, H, W, 3]``, every class with ``N`` images). Here a split is
@@ -15,7 +16,10 @@ default; ``val`` for model selection). The learner is MAML's mini-ImageNet Conv-
 flattened into the head), with batch statistics in batch norm as in MAML.
 
 Memory: mini-ImageNet's train split is 64 x 600 x 84 x 84 x 3 bytes = 813 MB on the device (the
-test split 254 MB), CIFAR-FS's 118 MB; tiered-ImageNet (about 16 GB) has no reader here yet.
+test split 254 MB), CIFAR-FS's 118 MB. tiered-ImageNet's (9.5 GB train, 4.4 GB test) stay in their
+memory-mapped caches on the host: each meta-step's tasks are drawn there and prefetched to the device
+(:mod:`gajax.tasks.host_pipeline`; the task's ``host`` field), and the evaluation tasks are drawn once
+(600 5-way 1-shot tasks with 15 queries: 1.0 GB of uint8).
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gajax.data import cifar_fs, mini_imagenet
+from gajax.data import cifar_fs, mini_imagenet, tiered_imagenet
 from gajax.models import Conv4
 from gajax.tasks.base import Task, classifier_fns
+from gajax.tasks.host_pipeline import HostFeed, check_ragged, split_support_query
 from gajax.tasks.omniglot import TaskIndices, sample_task_indices
 
 LOADERS = {"mini_imagenet": mini_imagenet.load_mini_imagenet, "cifar_fs": cifar_fs.load_cifar_fs,
-           "fc100": cifar_fs.load_fc100}
+           "fc100": cifar_fs.load_fc100, "tiered_imagenet": tiered_imagenet.load_tiered_imagenet}
 DATASETS = tuple(LOADERS)
+HOST_DATASETS = ("tiered_imagenet",)  # too big for the device: drawn on the host (host_pipeline)
 
 
 def _check(images_shape: tuple, ways: int, shots: int, queries: int, what: str = "images") -> None:
@@ -54,16 +60,9 @@ def _check(images_shape: tuple, ways: int, shots: int, queries: int, what: str =
 
 def gather_task(images: jax.Array, indices: TaskIndices, shots: int) -> tuple:
   """One task's ``(support, query)`` from ``images: uint8 [C, N, H, W, ch]``: ``x`` float32
-  ``[ways * shots, H, W, ch]`` (class-major), ``y`` int32 labels ``0..ways-1``; query likewise."""
-  ways, n = indices.drawings.shape
-  x = images[indices.classes[:, None], indices.drawings].astype(jnp.float32) / 255.0
-  labels = jnp.broadcast_to(jnp.arange(ways, dtype=jnp.int32)[:, None], (ways, n))
-  shape = x.shape[2:]
-
-  def part(sl):
-    return {"x": x[:, sl].reshape((-1,) + shape), "y": labels[:, sl].reshape(-1)}
-
-  return part(slice(0, shots)), part(slice(shots, n))
+  ``[ways * shots, H, W, ch]`` (class-major), ``y`` int32 labels ``0..ways-1``; query likewise
+  (:func:`gajax.tasks.host_pipeline.split_support_query`)."""
+  return split_support_query(images[indices.classes[:, None], indices.drawings], shots)
 
 
 @functools.partial(jax.jit, static_argnames=("num_tasks", "ways", "shots", "queries"))
@@ -95,7 +94,8 @@ def make_task(dataset: str, ways: int = 5, shots: int = 1, queries: int = 15,
   """N-way K-shot classification on ``dataset`` (one of :data:`DATASETS`) with MAML's Conv-4.
 
   Args:
-    dataset: ``"mini_imagenet"``, ``"cifar_fs"`` or ``"fc100"``.
+    dataset: ``"mini_imagenet"``, ``"cifar_fs"``, ``"fc100"`` or ``"tiered_imagenet"`` (drawn on the
+      host, see the module docstring).
     ways, shots, queries: N, K and query images per class of training tasks (MAML: 15 queries).
     eval_queries: query images per class of evaluation tasks (default: ``queries``).
     data_dir: the file or folder the reader takes (see :mod:`gajax.data.mini_imagenet`,
@@ -115,20 +115,31 @@ def make_task(dataset: str, ways: int = 5, shots: int = 1, queries: int = 15,
   eval_queries = queries if eval_queries is None else eval_queries
   load = functools.partial(LOADERS[dataset], data_dir, cache_dir=cache_dir, **(loader_kwargs or {}))
   train, evaluation = load("train"), load(eval_split)
-  _check(train.images.shape, ways, shots, queries, f"{dataset} train split")
-  _check(evaluation.images.shape, ways, shots, eval_queries, f"{dataset} {eval_split} split")
+  host = dataset in HOST_DATASETS
+  if host:
+    check_ragged(train, ways, shots, queries, f"{dataset} train split")
+    check_ragged(evaluation, ways, shots, eval_queries, f"{dataset} {eval_split} split")
+  else:
+    _check(train.images.shape, ways, shots, queries, f"{dataset} train split")
+    _check(evaluation.images.shape, ways, shots, eval_queries, f"{dataset} {eval_split} split")
   model = Conv4(num_classes=ways, filters=filters, downsample=downsample, conv=conv,
                 init_scheme=init, head_input=head_input)
 
   loss_fn, accuracy = classifier_fns(model)
 
-  def sample(key, num_tasks, images):
-    return sample_tasks(key, images, num_tasks, ways, shots, queries)
+  if host:
+    def sample(key, num_tasks, batch):  # batch: uint8 [T, ways, n, H, W, 3] drawn on the host
+      del key, num_tasks
+      return jax.vmap(lambda b: split_support_query(b, shots))(batch)
+    eval_sample = sample
+  else:
+    def sample(key, num_tasks, images):
+      return sample_tasks(key, images, num_tasks, ways, shots, queries)
 
-  def eval_sample(key, num_tasks, images):
-    return sample_tasks(key, images, num_tasks, ways, shots, eval_queries)
+    def eval_sample(key, num_tasks, images):
+      return sample_tasks(key, images, num_tasks, ways, shots, eval_queries)
 
-  image_shape = train.images.shape[2:]
+  image_shape = train.images.shape[-3:]
   return Task(
       name=dataset,
       sample=sample,
@@ -137,6 +148,7 @@ def make_task(dataset: str, ways: int = 5, shots: int = 1, queries: int = 15,
       loss_fn=loss_fn,
       metric_fn=accuracy,
       metric="accuracy",
-      train_data=jnp.asarray(train.images),
-      eval_data=jnp.asarray(evaluation.images),
+      train_data=None if host else jnp.asarray(train.images),
+      eval_data=None if host else jnp.asarray(evaluation.images),
+      host=HostFeed(train, evaluation, ways, shots, queries, eval_queries) if host else None,
   )
