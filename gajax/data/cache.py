@@ -4,7 +4,9 @@
 numpy only, no JAX (see :mod:`gajax.data`).
 
 Every reader (:mod:`gajax.data.omniglot`, :mod:`gajax.data.mini_imagenet`, :mod:`gajax.data.cifar_fs`)
-decodes its source once and keeps the decoded uint8 arrays in one ``.npz`` file:
+decodes its source once and keeps the decoded uint8 arrays in one ``.npz`` file (tiered-ImageNet, too
+big to load whole, keeps its images in a memory-mapped ``.npy`` written by :func:`atomic_memmap` beside
+a small ``.npz`` manifest that records the ``.npy``'s sha256; :mod:`gajax.data.tiered_imagenet`):
 
 * **Where.** ``<cache_dir>/<stem>_<key[:24]>.npz``; ``cache_dir`` is the reader's argument, else
   ``$GAJAX_CACHE_DIR``, else ``~/.cache/gajax`` (:func:`resolve_cache_dir`).
