@@ -113,7 +113,8 @@ class Experiment(NamedTuple):
       aggregator's draws) derives from ``key``.
     step: ``(state, data) -> (state, metrics)``, one meta-step (blocks: ``meta.make_block``); pass
       ``task.train_data`` as ``data``.
-    evaluate: ``(params, key, data) -> per-task metric [eval_tasks]``; pass ``task.eval_data``.
+    evaluate: ``(params, key, data) -> per-task metric [eval_tasks]``; pass
+      :func:`evaluation_data` of the experiment (``task.eval_data``, or the tasks a host-fed task drew).
     place: ``state -> state`` on the devices the step expects (replicated over the task mesh when
       ``num_devices > 1``; the identity otherwise).
   """
@@ -168,6 +169,16 @@ def make_experiment(config: TrainConfig) -> Experiment:
                              mesh=mesh)
   evaluate = meta.make_evaluate(eval_learner, task, config.eval_tasks)
   return Experiment(config, task, init, step, evaluate, place)
+
+
+def evaluation_data(exp: Experiment):
+  """What ``exp.evaluate`` takes as ``data``: ``task.eval_data``; for a task drawn on the host
+  (``task.host``), its ``eval_tasks`` evaluation tasks drawn from the config's seed, on the host
+  (numpy; copied to the device per evaluation, not held there; :meth:`HostFeed.eval_tasks`)."""
+  config, host = exp.config, exp.task.host
+  if host is None:
+    return exp.task.eval_data
+  return host.eval_tasks(config.seed, config.eval_tasks, min(meta.EVAL_CHUNK_SIZE, config.eval_tasks))
 
 
 def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:

@@ -179,6 +179,11 @@ def make_evaluate(learner: MetaLearner, task: Task, num_tasks: int, *,
 
   def evaluate(params, key, data=None):
     if task.host is not None:  # data: the tasks drawn on the host, [num_chunks, chunk_size, ...]
+      if data is None or tuple(data.shape[:2]) != (num_chunks, chunk_size):
+        raise ValueError(f"evaluate: task {task.name!r} is drawn on the host: data must be its "
+                         f"evaluation tasks, [{num_chunks}, {chunk_size}, ...] "
+                         f"(gajax.experiment.evaluation_data); got "
+                         f"{None if data is None else tuple(data.shape)}.")
       values = jax.lax.map(lambda d: chunk(params, None, d), data)
     else:
       values = jax.lax.map(lambda k: chunk(params, k, data), jax.random.split(key, num_chunks))

@@ -24,11 +24,11 @@ from jax.experimental import multihost_utils
 from gajax import meta
 from gajax.checkpoint import Checkpointer
 from gajax.config import TrainConfig
-from gajax.experiment import (Experiment, make_aggregator, make_experiment, make_learner, make_task,
-                              make_tx, seed_keys)
+from gajax.experiment import (Experiment, evaluation_data, make_aggregator, make_experiment,
+                              make_learner, make_task, make_tx, seed_keys)
 from gajax.workdir import RESUMABLE_CHANGES, atomic_write, prepare_workdir, workdir_lock
 
-__all__ = ["TrainConfig", "Experiment", "make_aggregator", "make_experiment", "make_learner",
+__all__ = ["TrainConfig", "Experiment", "evaluation_data", "make_aggregator", "make_experiment", "make_learner",
            "make_task", "make_tx", "seed_keys", "RESUMABLE_CHANGES", "prepare_workdir", "workdir_lock",
            "make_block", "train", "train_and_evaluate", "run_seeds", "to_numpy"]
 
@@ -178,10 +178,7 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
     metrics_file = open(metrics_path, "a")  # pylint: disable=consider-using-with
   state = exp.place(state)
 
-  eval_data = exp.task.eval_data
-  if host is not None:  # drawn once, on the host, from the seed (see HostFeed.eval_tasks)
-    eval_data = jnp.asarray(host.eval_tasks(config.seed, config.eval_tasks,
-                                            min(meta.EVAL_CHUNK_SIZE, config.eval_tasks)))
+  eval_data = feed = None
 
   def evaluate_now(params):
     return to_numpy(evaluate(params, eval_key, eval_data))
@@ -190,12 +187,13 @@ def _loop(exp, workdir, seeds, checkpoint_every, max_train_seconds, print_fn):
   blocks = {}  # block length -> jitted block of meta-steps
   start = time.perf_counter()
   done = first = steps_of(state)
-  # Tasks drawn on the host come one meta-batch per step, prefetched while the step before runs; the
-  # draw of step s depends on (seed, s) only, so a resumed run sees the same tasks.
-  feed = (host.train_batches(config.seed, config.meta_batch_size, range(done, config.num_iterations))
-          if host is not None else None)
   shown = None  # metrics since the last progress line
   try:
+    eval_data = evaluation_data(exp)
+    if host is not None:
+      # One meta-batch per step, drawn on the host and prefetched while the step before runs; the
+      # draw of step s depends on (seed, s) only, so a resumed run sees the same tasks.
+      feed = host.train_batches(config.seed, config.meta_batch_size, range(done, config.num_iterations))
     while done < config.num_iterations:
       count = min(config.log_every, config.num_iterations - done,
                   checkpoint_every - done % checkpoint_every)

@@ -18,7 +18,7 @@ import _cli
 
 from gajax import meta
 from gajax.checkpoint import Checkpointer
-from gajax.experiment import make_experiment, seed_keys
+from gajax.experiment import evaluation_data, make_experiment, seed_keys
 from gajax.workdir import atomic_write, load_config
 
 flags.DEFINE_string("workdir", None, "A training run's workdir (holds config.json and checkpoints/).")
@@ -48,8 +48,7 @@ def main(argv):
     state, _ = checkpointer.restore(exp.init(seed_keys(config.seed)[0]), FLAGS.step)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  values = jax.jit(exp.evaluate)(state.params, seed_keys(config.seed)[1],
-                                            exp.task.eval_data)
+  values = jax.jit(exp.evaluate)(state.params, seed_keys(config.seed)[1], evaluation_data(exp))
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),

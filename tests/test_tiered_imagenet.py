@@ -36,30 +36,37 @@ def _counts(split):
               expected_images=sum(n for _, _, n in classes))
 
 
-def _png(rng: np.random.Generator, mode: str = "RGB", size: int = SIZE) -> bytes:
+def _png(rng: np.random.Generator, mode: str = "RGB", size: int = SIZE) -> tuple:
+  """``(PNG bytes, the RGB pixels the reader must return)``, the latter from the generated array:
+  grey repeated over the three channels, RGBA without its alpha (as cv2.imdecode(..., 1) gives too)."""
   pix = rng.integers(0, 256, (size, size, 4), dtype=np.uint8)
-  im = {"RGB": lambda: Image.fromarray(pix[..., :3]), "L": lambda: Image.fromarray(pix[..., 0]),
-        "RGBA": lambda: Image.fromarray(pix, "RGBA")}[mode]()
+  im, rgb = {"RGB": (lambda: Image.fromarray(pix[..., :3]), pix[..., :3]),
+             "L": (lambda: Image.fromarray(pix[..., 0]), np.repeat(pix[..., :1], 3, -1)),
+             "RGBA": (lambda: Image.fromarray(pix, "RGBA"), pix[..., :3])}[mode]
   buf = io.BytesIO()
-  im.save(buf, format="PNG")
-  return buf.getvalue()
+  im().save(buf, format="PNG")
+  return buf.getvalue(), rgb
 
 
 def _write_split(root: Path, split: str, rng: np.random.Generator, *, py2: bool = False,
                  names: bool = True, mutate=None):
-  """Writes ``<split>_images_png.pkl`` / ``<split>_labels.pkl``; returns the expected RaggedClassImages."""
+  """Writes ``<split>_images_png.pkl`` / ``<split>_labels.pkl``; returns the expected RaggedClassImages.
+
+  ``py2``: keys and names as ``bytes``, as a Python 2 pickle read with ``encoding="bytes"`` gives them.
+  """
   specific, general = [], []
   for label, sup, n in LAYOUT[split]:
     specific += [label] * n
     general += [sup] * n
   perm = rng.permutation(len(specific))  # interleave the classes in the pickle
   specific, general = np.asarray(specific)[perm], np.asarray(general)[perm]
-  pngs = []
+  pngs, pixels = [], []
   for i in range(len(specific)):
     mode = "L" if i == 1 else ("RGBA" if i == 2 else "RGB")
-    data = _png(rng, mode)
+    data, rgb = _png(rng, mode)
     # cv2.imencode returns a uint8 array [L, 1]; the release holds those; accept bytes too.
     pngs.append(np.frombuffer(data, np.uint8).reshape(-1, 1) if i % 2 else data)
+    pixels.append(rgb)
   labels = {"label_specific": specific, "label_general": general}
   if names:
     labels["label_specific_str"] = [f"n{k:08d}" for k in range(30)]
@@ -67,23 +74,21 @@ def _write_split(root: Path, split: str, rng: np.random.Generator, *, py2: bool 
   if mutate is not None:
     pngs, labels = mutate(pngs, labels)
   if py2:
-    labels = {k.encode(): v for k, v in labels.items()}
+    labels = {k.encode(): ([n.encode() for n in v] if k.endswith("_str") else v) for k, v in labels.items()}
   with open(root / f"{split}_images_png.pkl", "wb") as f:
     pickle.dump(pngs, f, protocol=2)
   with open(root / f"{split}_labels.pkl", "wb") as f:
     pickle.dump(labels, f, protocol=2)
-  return None if mutate is not None else _reference(pngs, specific, general, names)
+  return None if mutate is not None else _reference(pixels, specific, general, names)
 
 
-def _reference(pngs, specific, general, names):
-  """The documented result, written out independently: stable sort by class, Pillow RGB."""
+def _reference(pixels, specific, general, names):
+  """The documented result, written out from the generated pixels: classes by label, pickle order."""
   classes = sorted(set(int(c) for c in specific))
   images, offsets, supers_of = [], [0], []
   for c in classes:
     rows = [i for i in range(len(specific)) if specific[i] == c]
-    for i in rows:
-      data = pngs[i] if isinstance(pngs[i], bytes) else pngs[i].tobytes()
-      images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    images += [pixels[i] for i in rows]
     offsets.append(offsets[-1] + len(rows))
     supers_of.append(int(general[rows[0]]))
   supers = sorted(set(supers_of))
@@ -150,8 +155,22 @@ def _bad_copy(tmp_path, mutate=None, split="train"):
 
 
 def _wrong_size(pngs, labels):
-  pngs[3] = _png(np.random.default_rng(1), size=SIZE + 4)
+  pngs[3] = _png(np.random.default_rng(1), size=SIZE + 4)[0]
   return pngs, labels
+
+
+def _wrong_type(pngs, labels):
+  pngs[2] = [1, 2, 3]
+  return pngs, labels
+
+
+def _few_names(pngs, labels):
+  labels["label_specific_str"] = labels["label_specific_str"][:5]
+  return pngs, labels
+
+
+def _not_a_list(pngs, labels):
+  return {"images": pngs}, labels
 
 
 def _garbage(pngs, labels):
@@ -178,6 +197,9 @@ def _short_list(pngs, labels):
 @pytest.mark.parametrize("mutate, kw, pattern", [
     (_wrong_size, {}, r"train_images_png\.pkl: image 3 is 20x20, expected 16x16"),
     (_garbage, {}, r"train_images_png\.pkl: image 4 is not a decodable PNG"),
+    (_wrong_type, {}, r"train_images_png\.pkl: image 2 is a list, expected PNG bytes or a uint8 array"),
+    (_few_names, {}, r"train_labels\.pkl: wrong layout: 'label_specific_str' does not name every label"),
+    (_not_a_list, {}, r"train_images_png\.pkl: wrong layout: holds a dict, expected a list"),
     (_two_supers, {}, r"train_labels\.pkl: class 2 has images in more than one label_general"),
     (_no_general, {}, r"train_labels\.pkl: wrong layout: no 'label_general' key"),
     (_short_list, {}, r"train_images_png\.pkl: 21 images, but train_labels\.pkl labels 22"),
@@ -203,7 +225,44 @@ def test_truncated_pickle_and_missing_files(tmp_path):
     _load(root, "val", cache)
   with pytest.raises(FileNotFoundError, match="no such folder"):
     _load(tmp_path / "nowhere", "train", cache)
+  with pytest.raises(ValueError, match="not a folder"):
+    _load(pkl, "train", cache)
+  (root / "test_images_png.pkl").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match=r"no test_labels\.pkl"):
+    _load(root, "test", cache)
+  with pytest.raises(ValueError, match="an expected count mapping has no 'train' entry"):
+    ti.load_tiered_imagenet(root, "train", cache, SIZE, expected_classes={"val": 2})
   assert _files(cache) == []
+
+
+def test_truncated_png_is_an_error_even_with_pillows_load_truncated_images(tmp_path, monkeypatch):
+  from PIL import ImageFile  # pylint: disable=import-outside-toplevel
+
+  def cut(pngs, labels):
+    pngs[5] = pngs[5][: len(pngs[5]) // 2]
+    return pngs, labels
+
+  root, cache = _bad_copy(tmp_path, cut), tmp_path / "cache"
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  with pytest.raises(ValueError, match=r"image 5 is not a decodable PNG"):
+    _load(root, "train", cache)
+  assert ImageFile.LOAD_TRUNCATED_IMAGES is True and _files(cache) == []
+
+
+def test_cache_checks_on_reload_and_an_unwritable_cache(release, tmp_path):
+  root, expected = release
+  _load(root, "test", tmp_path)
+  (npy,) = [p for p in tmp_path.iterdir() if p.suffix == ".npy"]
+  with pytest.raises(ValueError, match=r"\(cache .*\): 3 classes in the test split, expected 4"):
+    _load(root, "test", tmp_path, expected_classes=4)
+  npy.write_bytes(npy.read_bytes()[:-SIZE * SIZE * 3])  # one image short: wrong shape and size
+  with pytest.warns(RuntimeWarning, match="tiered-ImageNet cache .*rebuilding"):
+    again = _load(root, "test", tmp_path, verify=False)
+  _assert_equal(again, expected["test"])
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(OSError, match="a_file.*cannot write the cache there.*GAJAX_CACHE_DIR"):
+    _load(root, "val", blocker / "cache")
 
 
 def test_interrupted_decode_leaves_nothing(tmp_path, monkeypatch):
@@ -269,13 +328,24 @@ def test_prefetcher_order_errors_and_split(tmp_path):
   want = [hp.draw_meta_batch(data, 3, s, 2, 3, 1, 1) for s in range(5, 12)]
   assert len(got) == 7 and all(np.array_equal(g, w) for g, w in zip(got, want))
 
+  import threading  # pylint: disable=import-outside-toplevel
+  item2_failed = threading.Event()
+
   def produce(i):
     if i == 2:
+      item2_failed.set()
       raise OSError("disk gone")
+    if i == 1:
+      item2_failed.wait(10)  # item 2 fails before item 1 is ready: its error must still wait its turn
     return i
-  it = hp.Prefetcher(produce, range(5), depth=2, workers=2)
+  it = hp.Prefetcher(produce, range(5), depth=3, workers=3)
   assert [next(it), next(it)] == [0, 1]
   with pytest.raises(OSError, match="disk gone"):
+    next(it)
+  it = hp.Prefetcher(lambda i: i, range(100), depth=2, workers=1)
+  assert next(it) == 0
+  it.close()
+  with pytest.raises(StopIteration):
     next(it)
 
   support, query = jax.vmap(lambda b: hp.split_support_query(b, 1))(jnp.asarray(want[0]))
@@ -337,7 +407,8 @@ def test_host_fed_run_learns_the_class_signal_and_resumes_bit_exactly(learnable,
   whole = train_and_evaluate(_config(learnable), str(tmp_path / "a"),
                              print_fn=lambda *a, **k: lines.append(a[0]))
   # Chance is 1/3; the colour patterns make the unseen test classes easy after adaptation.
-  assert whole["mean"] > 0.65 and whole["input_wait_seconds_this_call"] >= 0, whole
+  assert whole["mean"] > 0.65, whole
+  assert 0 <= whole["input_wait_seconds_this_call"] <= whole["train_seconds_this_call"], whole
   assert sum(line.startswith("step") for line in lines) == 2  # every log_every steps, not every step
   quiet = dict(print_fn=lambda *a, **k: None)
   train_and_evaluate(_config(learnable, num_iterations=20), str(tmp_path / "b"), checkpoint_every=20,

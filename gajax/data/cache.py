@@ -24,12 +24,14 @@ a small ``.npz`` manifest that records the ``.npy``'s sha256; :mod:`gajax.data.t
   ``KeyboardInterrupt`` at any point deletes the temporary file, so the cache folder holds either the old
   state or the complete new file; only a hard kill (SIGKILL, power loss) mid-write can leave a ``*.tmp``
   file, which is never read. A cache folder that cannot be written only costs a warning
-  (:func:`write_cache`).
+  (:func:`write_cache`), except for a memory-mapped array (:func:`atomic_memmap`), which is used from
+  the cache and so cannot do without it (a one-line ``OSError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -162,14 +164,35 @@ def atomic_memmap(path: Path, shape: tuple, dtype=np.uint8) -> Iterator[np.memma
   For arrays too large to build in memory (tiered-ImageNet's 9.5 GB train split): the caller fills
   the yielded array; on a clean exit it is flushed, fsynced and renamed onto ``path`` (as
   :func:`atomic_save_npz` does); on any exception (``KeyboardInterrupt`` too) the temporary file is
-  deleted, so a cache folder never holds a half-written array under a real name.
+  deleted, so a cache folder never holds a half-written array under a real name. The file's blocks are
+  reserved first (``posix_fallocate``), so a full disk is an ``OSError`` up front, not a SIGBUS midway.
+
+  Raises:
+    OSError: one line naming the folder when it cannot be written or has no room (unlike
+      :func:`write_cache`, which only warns: a memory-mapped data set cannot be used without its cache).
   """
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+  except OSError as e:
+    raise OSError(f"{path.parent}: cannot write the cache there ({e.strerror or e}); point "
+                  f"${CACHE_ENV} or cache_dir at a writable folder") from e
   os.close(fd)
   try:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))  # a sparse file
+    # Reserve every block now: a disk that fills while a memory map is written kills the process with
+    # SIGBUS (no exception, no clean-up); reserved up front, a full disk is an OSError before any work.
+    if hasattr(os, "posix_fallocate"):
+      with open(tmp, "rb+") as f:
+        try:
+          os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        except OSError as e:
+          # Other errors (EOPNOTSUPP, EINVAL): a file system without fallocate; write as is.
+          if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(f"{path.parent}: no room for the {os.path.getsize(tmp) / 2**30:.1f} GiB cache "
+                          f"({e.strerror or e}); free space or point ${CACHE_ENV} or cache_dir "
+                          "elsewhere") from e
     yield out
     out.flush()
     del out

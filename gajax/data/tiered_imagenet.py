@@ -52,6 +52,8 @@ Memory
 
 Errors
   One line naming the file and the problem: ``FileNotFoundError`` for a missing folder or pickle;
+  ``OSError`` for a cache folder that cannot be written or has no room (the images are used from the
+  cache, so there is no running without it);
   ``ValueError`` for a wrong layout (keys, types, lengths), a truncated or corrupt pickle, a PNG that does
   not decode, an image of the wrong size, a class in two superclasses, or counts that do not match.
 """
@@ -66,7 +68,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from gajax.data import cache as _cache
 from gajax.data.base import RaggedClassImages, as_str, load_pickle, normalise_split, one_line, str_keys
@@ -180,6 +182,14 @@ def _decode_png(item: object, size: int) -> np.ndarray:
 
 def _decode_into(out: np.ndarray, pngs, order: np.ndarray, size: int, origin: str, num_workers: int):
   """``out[i] = decode(pngs[order[i]])`` for every ``i``, ``num_workers`` threads, chunk by chunk."""
+  # Pillow pads a truncated PNG silently when this global is on (training code often sets it): a cut
+  # file must be an error here, not a cached grey stripe.
+  if ImageFile.LOAD_TRUNCATED_IMAGES:
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+      return _decode_into(out, pngs, order, size, origin, num_workers)
+    finally:
+      ImageFile.LOAD_TRUNCATED_IMAGES = True
   def decode(i):
     j = int(order[i])
     try:
@@ -261,6 +271,7 @@ def load_tiered_imagenet(path: PathLike, split: str, cache_dir: Optional[PathLik
 
   Raises:
     FileNotFoundError: a missing folder or pickle.
+    OSError: the cache folder cannot be written or has no room for the images.
     ValueError: a wrong layout, a corrupt/truncated pickle, an undecodable PNG, a wrong image size, a
       class in two superclasses, or counts that do not match.
   """
@@ -269,7 +280,11 @@ def load_tiered_imagenet(path: PathLike, split: str, cache_dir: Optional[PathLik
     raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
   def per_split(v):
-    return v.get(split) if isinstance(v, Mapping) else v
+    if isinstance(v, Mapping):
+      if split not in v:
+        raise ValueError(f"an expected count mapping has no {split!r} entry: {dict(v)}")
+      return v[split]
+    return v
 
   expected = (per_split(expected_classes), per_split(expected_superclasses), per_split(expected_images))
   num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers

@@ -73,7 +73,8 @@ def draw_meta_batch(data: RaggedClassImages, seed: int, step: int, num_tasks: in
   Deterministic in ``(seed, stream, step)`` (module docstring; ``stream`` keeps evaluation draws apart
   from training ones). Reads only the drawn images from ``data.images`` (a memory map, usually).
   """
-  rng = np.random.default_rng((int(seed), int(stream), int(step)))
+  # SeedSequence wants non-negative entries; any int seed (TrainConfig allows negative ones) maps to one.
+  rng = np.random.default_rng((int(seed) % 2**64, int(stream), int(step)))
   idx = draw_indices(rng, np.asarray(data.offsets), num_tasks, ways, shots + queries)
   # Sorted reads are kinder to a disk-backed map; the inverse permutation restores the drawn order.
   flat = idx.reshape(-1)
