@@ -3,6 +3,9 @@
 # on a machine whose python3 already has jax (CUDA), flax, optax, chex, orbax, torch:
 #
 #   bash scripts/gpu_checks.sh bench      # versions, a GPU test subset, benchmark suites (~4-5 min)
+#   bash scripts/gpu_checks.sh rows       # the open issues' GPU rows: user model vs a PyTorch CUDA
+#                                         # loop, Gramians, mini-ImageNet-size steps and memory, host
+#                                         # input share (BENCH_S, default 560 s, caps it)
 #   bash scripts/gpu_checks.sh omniglot   # Omniglot 5/20-way 1-shot, mean vs agreement, time-boxed
 #   bash scripts/gpu_checks.sh schedule   # conv matmul vs xla, then the 60k 5-way 1-shot schedule
 #                                         # with the faster one, as far as DEADLINE_S allows
@@ -46,6 +49,24 @@ bench)
   timeout "${BENCH_S:-270}" $PY scripts/benchmark.py --suite=meta_step,flops,peers "${args[@]}" \
     --torch_threads=1 --json="$OUT/bench_gpu.json" --markdown="$OUT/bench_gpu.md" 2>&1 \
     | quiet | tee "$OUT/bench_log.txt"
+  ;;
+rows)
+  # One process per suite so that a suite past its share of BENCH_S loses only its own rows.
+  if [ "$QUICK" = 1 ]; then
+    args=(--quick --torch_device=cpu)
+  else
+    args=(--torch_device=cuda --repeats=5 --big)
+  fi
+  # Seconds per suite, from BENCH_S (default 560): images compiles ResNet-12 three times, so twice.
+  unit=$(( ${BENCH_S:-560} / 5 ))
+  for suite in user_model images host_input aggregators; do
+    share=$unit; [ "$suite" = images ] && share=$((2 * unit))
+    extra=()
+    [ "$suite" = aggregators ] && [ "$QUICK" != 1 ] && extra=(--aggregators=mean,gradient_agreement,mgda,upgrad,imtl_g)
+    timeout "$share" $PY scripts/benchmark.py --suite=$suite "${args[@]}" "${extra[@]}" --torch_threads=1 \
+      --json="$OUT/bench_${suite}_gpu.json" --markdown="$OUT/bench_${suite}_gpu.md" 2>&1 \
+      | quiet | tail -30 | tee "$OUT/bench_${suite}_log.txt"
+  done
   ;;
 omniglot)
   # MAML's settings (configs/omniglot.py): 5-way 1-shot meta-batch 32, 1 inner step at 0.4 (3 at

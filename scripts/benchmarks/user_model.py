@@ -80,7 +80,8 @@ def jax_step(model, fast_ops, supports, queries):
 
 
 def torch_step(torch, ways, filters, downsample, supports, queries):
-  """The same model and meta-step in PyTorch: a loop over tasks, second order, Adam."""
+  """The same model and meta-step in PyTorch: a loop over tasks, second order, Adam, on
+  ``--torch_device`` (cpu or cuda)."""
   F = torch.nn.functional
   gen = torch.Generator().manual_seed(0)
   params, channels, size = [], 1, IMAGE
@@ -89,10 +90,11 @@ def torch_step(torch, ways, filters, downsample, supports, queries):
                torch.zeros(filters)]
     channels, size = filters, (size // 2 if downsample == "pool" else -(-size // 2))
   params += [torch.randn(filters * size * size, ways, generator=gen) * 0.01, torch.zeros(ways)]
-  params = [p.requires_grad_() for p in params]
+  dev = torch.device(FLAGS.torch_device)
+  params = [p.to(dev).requires_grad_() for p in params]
   opt = torch.optim.Adam(params, lr=1e-3)
-  to_torch = lambda b: (torch.from_numpy(np.asarray(b["x"]).transpose(0, 1, 4, 2, 3).copy()),
-                        torch.from_numpy(np.asarray(b["y"]).astype(np.int64)))
+  to_torch = lambda b: (torch.from_numpy(np.asarray(b["x"]).transpose(0, 1, 4, 2, 3).copy()).to(dev),
+                        torch.from_numpy(np.asarray(b["y"]).astype(np.int64)).to(dev))
   (xs, ys), (xq, yq) = to_torch(supports), to_torch(queries)
 
   def forward(p, x):
@@ -112,6 +114,8 @@ def torch_step(torch, ways, filters, downsample, supports, queries):
       fast = [w - 0.4 * g for w, g in zip(params, grads)]
       (F.cross_entropy(forward(fast, xq[i]), yq[i]) / xs.shape[0]).backward()
     opt.step()
+    if dev.type == "cuda":  # timed to completion, as block_until_ready does for JAX
+      torch.cuda.synchronize()
 
   return step
 
@@ -140,7 +144,11 @@ def run(rows):
     for name, t in timings.items():
       extra = {} if name == "fast_ops" else dict(baseline="fast_ops",
                                                  **timing.paired_ratio(t, timings["fast_ops"]))
-      device = (f"cpu: {timing.cpu_name()}, torch {torch.__version__}, {FLAGS.torch_threads[0]} "
-                f"thread(s)" if name == "torch loop" else None)
+      device = None
+      if name == "torch loop":
+        device = (f"{FLAGS.torch_device}: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+                  if FLAGS.torch_device.startswith("cuda") else
+                  f"cpu: {timing.cpu_name()}, torch {torch.__version__}, {FLAGS.torch_threads[0]} "
+                  "thread(s)")
       rows.append(row("user_model", f"conv4_{downsample} {name}", t, device=device,
                       workload=describe, its_per_s=1.0 / t.median, **extra))
