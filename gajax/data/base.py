@@ -10,7 +10,7 @@ import importlib.util
 import io
 import os
 import pickle
-from typing import BinaryIO, NamedTuple, Union
+from typing import BinaryIO, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -122,6 +122,15 @@ def str_keys(d: object, origin: str, what: str) -> dict:
   if not isinstance(d, dict):
     raise ValueError(f"{origin}: wrong layout: {what} holds a {type(d).__name__}, expected a dict")
   return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def int_vector(value: object) -> Optional[np.ndarray]:
+  """``value`` as a non-empty 1-D integer array, or None when it is not one (ragged, strings, ...)."""
+  try:
+    a = np.asarray(value)
+  except Exception:  # noqa: BLE001 - ragged or odd contents
+    return None
+  return a if a.ndim == 1 and a.size > 0 and a.dtype.kind in "iu" else None
 
 
 def as_str(x: object) -> str:

@@ -63,7 +63,8 @@ import numpy as np
 from PIL import Image
 
 from gajax.data import cache as _cache
-from gajax.data.base import ClassImages, as_str, load_pickle, normalise_split, one_line, str_keys
+from gajax.data.base import (ClassImages, as_str, int_vector, load_pickle, normalise_split, one_line,
+                              str_keys)
 
 PathLike = Union[str, os.PathLike]
 
@@ -223,12 +224,8 @@ def _decode_pkl(source: _Source, split: str, size: int, expected_classes: Option
   class_dict = str_keys(class_dict, str(pkl), "class_dict")
   items = []
   for name, idx in class_dict.items():
-    try:
-      idx = np.asarray(idx)
-      ok = idx.ndim == 1 and idx.size > 0 and idx.dtype.kind in "iu"
-    except Exception:  # noqa: BLE001 - ragged or odd contents
-      ok = False
-    if not ok:
+    idx = int_vector(idx)
+    if idx is None:
       raise ValueError(f"{pkl}: wrong layout: class_dict[{name!r}] is not a list of image indices")
     if idx.min() < 0 or idx.max() >= data.shape[0]:
       raise ValueError(f"{pkl}: class_dict[{name!r}] has an index outside [0, {data.shape[0]})")

@@ -71,7 +71,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from gajax.data import cache as _cache
-from gajax.data.base import RaggedClassImages, as_str, load_pickle, normalise_split, one_line, str_keys
+from gajax.data.base import (RaggedClassImages, as_str, int_vector, load_pickle, normalise_split,
+                              one_line, str_keys)
 
 PathLike = Union[str, os.PathLike]
 
@@ -101,12 +102,8 @@ def source_files(path: Path, split: str) -> tuple:
 
 
 def _int_vector(value: object, origin: str, key: str) -> np.ndarray:
-  try:
-    a = np.asarray(value)
-    ok = a.ndim == 1 and a.size > 0 and a.dtype.kind in "iu"
-  except Exception:  # noqa: BLE001 - ragged or odd contents
-    ok = False
-  if not ok:
+  a = int_vector(value)
+  if a is None:
     raise ValueError(f"{origin}: wrong layout: {key!r} is not a list of integer labels")
   if a.min() < 0:
     raise ValueError(f"{origin}: {key!r} has a negative label")
