@@ -5,12 +5,13 @@ numpy only, no JAX (see :mod:`gajax.data`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import importlib.util
 import io
 import os
 import pickle
-from typing import BinaryIO, NamedTuple, Optional, Union
+from typing import BinaryIO, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -122,6 +123,26 @@ def str_keys(d: object, origin: str, what: str) -> dict:
   if not isinstance(d, dict):
     raise ValueError(f"{origin}: wrong layout: {what} holds a {type(d).__name__}, expected a dict")
   return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def for_each_index(fn: Callable[[int], None], n: int, num_workers: int, chunk: int = 4096) -> None:
+  """``fn(i)`` for ``i`` in ``range(n)``, on ``num_workers`` threads (Pillow releases the GIL while
+  decoding), ``chunk`` indices at a time to bound the futures alive at once. The first failure by
+  position is raised (the rest of its chunk cancelled), so errors name the same file on every run."""
+  if num_workers <= 1:
+    for i in range(n):
+      fn(i)
+    return
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    for start in range(0, n, chunk):
+      futures = [pool.submit(fn, i) for i in range(start, min(start + chunk, n))]
+      try:
+        for fut in futures:
+          fut.result()
+      except BaseException:
+        for fut in futures:
+          fut.cancel()
+        raise
 
 
 def int_vector(value: object) -> Optional[np.ndarray]:

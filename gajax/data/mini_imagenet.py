@@ -52,7 +52,6 @@ Errors
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import os
 import re
@@ -63,8 +62,8 @@ import numpy as np
 from PIL import Image
 
 from gajax.data import cache as _cache
-from gajax.data.base import (ClassImages, as_str, int_vector, load_pickle, normalise_split, one_line,
-                              str_keys)
+from gajax.data.base import (ClassImages, as_str, for_each_index, int_vector, load_pickle,
+                              normalise_split, one_line, str_keys)
 
 PathLike = Union[str, os.PathLike]
 
@@ -189,20 +188,7 @@ def _decode_csv(source: _Source, rows: list, split: str, size: int, expected_cla
     except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
       raise ValueError(f"{files[i]}: not a decodable image: {one_line(e)}") from e
 
-  if num_workers <= 1:
-    for i in range(len(files)):
-      decode(i)
-  else:
-    # Pillow releases the GIL while decoding and resizing; results land by index, so order is fixed.
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-      futures = [pool.submit(decode, i) for i in range(len(files))]
-      try:
-        for fut in futures:  # in order: the first failing file (by position) is reported
-          fut.result()
-      except BaseException:
-        for fut in futures:
-          fut.cancel()
-        raise
+  for_each_index(decode, len(files), num_workers)
   return ClassImages(out.reshape(len(names), len(groups[0]), size, size, 3), names)
 
 

@@ -60,7 +60,6 @@ Errors
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import os
 import warnings
@@ -71,8 +70,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from gajax.data import cache as _cache
-from gajax.data.base import (RaggedClassImages, as_str, int_vector, load_pickle, normalise_split,
-                              one_line, str_keys)
+from gajax.data.base import (RaggedClassImages, as_str, for_each_index, int_vector, load_pickle,
+                              normalise_split, one_line, str_keys)
 
 PathLike = Union[str, os.PathLike]
 
@@ -196,17 +195,7 @@ def _decode_into(out: np.ndarray, pngs, order: np.ndarray, size: int, origin: st
     except Exception as e:  # noqa: BLE001 - any decoder failure means a bad entry
       raise ValueError(f"{origin}: image {j} is not a decodable PNG: {one_line(e)}") from e
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    for start in range(0, len(order), _CHUNK):
-      # Pillow releases the GIL while inflating; chunks bound the futures alive at once.
-      futures = [pool.submit(decode, i) for i in range(start, min(start + _CHUNK, len(order)))]
-      try:
-        for fut in futures:  # in order: the first failing image (by position) is reported
-          fut.result()
-      except BaseException:
-        for fut in futures:
-          fut.cancel()
-        raise
+  for_each_index(decode, len(order), num_workers, _CHUNK)
 
 
 def _check_manifest(size: int):
