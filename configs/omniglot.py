@@ -28,6 +28,8 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 epochs), per-step batch-norm weights and biases (BNWB). Our reading of the paper
                 and of public MAML++ configurations, not checked against the authors' code; per-step
                 running statistics (BNRS) do not apply (batch norm uses batch statistics).
+  20w1s_mamlpp  5w1s_mamlpp's settings with 20 ways (MAML++ reports 97.65 at 20-way 1-shot; our
+                reading, not checked against the authors' 20-way configuration). A GPU job.
 
 The aggregator is the library's default (gradient agreement); ``--config.aggregator=mean`` gives MAML.
 The data: ``$GAJAX_DATA_DIR`` when set, else the project's copy at ``../shared/data/omniglot/``
@@ -57,6 +59,10 @@ PROTOCOLS = {
                     "inner_steps": 5, "inner_lr": 0.1, "lslr": True, "multi_step_loss": True,
                     "msl_anneal_steps": 5000, "first_order_steps": 25_000,
                     "outer_lr_schedule": "cosine", "num_iterations": 75_000, "bnwb": True},
+    "20w1s_mamlpp": {"ways": 20, "shots": 1, "queries": 1, "algorithm": "maml++", "meta_batch_size": 8,
+                     "inner_steps": 5, "inner_lr": 0.1, "lslr": True, "multi_step_loss": True,
+                     "msl_anneal_steps": 5000, "first_order_steps": 25_000,
+                     "outer_lr_schedule": "cosine", "num_iterations": 75_000, "bnwb": True},
     "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
                    "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5},
 }

@@ -9,7 +9,8 @@
 #   bash scripts/gpu_checks.sh omniglot   # Omniglot 5/20-way 1-shot, mean vs agreement, time-boxed
 #   bash scripts/gpu_checks.sh schedule   # conv matmul vs xla, then the 60k 5-way 1-shot schedule
 #                                         # with the faster one, as far as DEADLINE_S allows
-#                                         # (SCHEDULE=20w1s for 20-way; carried runs resume)
+#                                         # (SCHEDULE=20w1s for 20-way, 20w1s_mamlpp for MAML++;
+#                                         # carried runs resume)
 #
 # Results go to $OUT (default /tmp/gajax_gpu). The Omniglot phase reads the archive from
 # $GAJAX_DATA_DIR (default .gpu/omniglot.tar.gz) and its decoded cache from $GAJAX_CACHE_DIR
@@ -94,7 +95,8 @@ omniglot)
   (cd "$runs" && tar czf "$OUT/omniglot_runs.tar.gz" --exclude=checkpoints ./*) && rm -rf "$runs"
   ;;
 schedule)
-  # One lease, one call, for SCHEDULE=5w1s (default) or 20w1s, MAML's settings, 60k steps:
+  # One lease, one call, for SCHEDULE=5w1s (default) or 20w1s, MAML's settings, 60k steps (or
+  # SCHEDULE=20w1s_mamlpp, configs/omniglot.py:20w1s_mamlpp, 75k steps):
   # (1) the conv suite on that workload (matmul vs XLA convolutions); (2) the schedule with the
   # faster one: mean and agreement side by side if both fit before DEADLINE_S, else agreement alone
   # if it fits, else both time-boxed; (3) the conv suite on the other workload with the time left.
@@ -104,9 +106,12 @@ schedule)
   deadline=$((t0 + ${DEADLINE_S:-550}))
   schedule=${SCHEDULE:-5w1s}
   case "$schedule" in
-    5w1s) cfg=omni5w_stride other=omni20w_stride ;;
-    20w1s) cfg=omni20w_stride other=omni5w_stride ;;
-    *) echo "SCHEDULE must be 5w1s or 20w1s; got $schedule" >&2; exit 2 ;;
+    5w1s) cfg=omni5w_stride other=omni20w_stride steps=60000 ;;
+    20w1s) cfg=omni20w_stride other=omni5w_stride steps=60000 ;;
+    # MAML++ (#15): its 75k schedule; the conv suite's MAML 20-way workload (meta-batch 16, 5 steps)
+    # stands in for its step time (meta-batch 8, 5 steps): the plan errs on the slow side.
+    20w1s_mamlpp) cfg=omni20w_stride other=omni5w_stride steps=75000 ;;
+    *) echo "SCHEDULE must be 5w1s, 20w1s or 20w1s_mamlpp; got $schedule" >&2; exit 2 ;;
   esac
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
       || echo "no nvidia-smi"
@@ -116,7 +121,6 @@ schedule)
   if [ "$QUICK" = 1 ]; then quick=(--quick); else quick=(--configs=$cfg --repeats=5); fi
   timeout "${BENCH_S:-150}" $PY scripts/benchmark.py --suite=conv "${quick[@]}" \
     --json="$OUT/conv_$cfg.json" 2>&1 | quiet | tail -8
-  steps=60000
   [ "$QUICK" = 1 ] && steps=4
   # Plan from the measured per-step times and the steps still to go (a carried run resumes).
   # Concurrent runs share the GPU: 1.7x per run is a guess (two 5-way runs on an H100 got 0.38x
