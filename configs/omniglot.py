@@ -19,8 +19,10 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
   5w1s_anil     5w1s with ANIL (Raghu et al., 2020): only the head adapts, with MAML's inner loop.
   5w1s_imaml    5w1s with iMAML (Rajeswaran et al., 2019): 16 inner steps at 0.1 on the support
                 loss + lambda/2 |phi - theta|^2 with lambda = 2, 5 conjugate-gradient steps (the
-                authors' example command for Omniglot 5-way 1-shot; their code damps the CG
-                operator and pulls back towards theta in one step, which gajax does not).
+                authors' example command for Omniglot 5-way 1-shot), the CG operator damped as
+                their code damps it (cg_damping = 22; gajax.algorithms.imaml says how that maps).
+                Their code also runs the 16 inner steps unregularised and then pulls back towards
+                theta in one step, and uses Adam's eps = 1e-3; gajax does neither.
   5w1s_mamlpp   5-way 1-shot MAML++ (Antoniou et al., 2019) with every switch gajax has: 5 inner
                 steps at 0.1 (5 at evaluation), learned per-layer per-step rates, the multi-step
                 loss annealed over 5,000 steps (10 "epochs" of 500), first order for the first
@@ -64,7 +66,8 @@ PROTOCOLS = {
                      "msl_anneal_steps": 5000, "first_order_steps": 25_000,
                      "outer_lr_schedule": "cosine", "num_iterations": 75_000, "bnwb": True},
     "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
-                   "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5},
+                   "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5,
+                   "cg_damping": 22.0},
 }
 _SHARED_COPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                             "omniglot", "omniglot.tar.gz")

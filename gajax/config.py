@@ -28,6 +28,7 @@ CLASSIFICATION_TASKS = ("omniglot",) + IMAGE_TASKS
 TASKS = ("sinusoid", "binary") + CLASSIFICATION_TASKS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")
 # Algorithms with an inner displacement theta - theta_i that is not already their update.
+IMAML_INNER_OPTIMIZERS = ("sgd", "adam")
 DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml", "maml++")
 OUTER_LR_SCHEDULES = ("constant", "cosine")
 # MAML++ switches (Antoniou et al., 2019): they apply to algorithm="maml++" only.
@@ -82,6 +83,8 @@ class TrainConfig:
   seed: int = 0
   imaml_lambda: float = 1.0  # imaml only: the regulariser lam/2 |phi - theta|^2 of the inner problem
   cg_steps: int = 5  # imaml only: conjugate-gradient steps for the implicit meta-gradient
+  cg_damping: float = 0.0  # imaml only: mu, CG solves (I + (H + mu I) / lam) u = g; 0: undamped
+  imaml_inner_optimizer: str = "sgd"  # imaml only: "sgd" or "adam" at inner_lr on the inner problem
   lslr: bool = False  # maml++ only: learned per-layer per-step inner learning rates
   multi_step_loss: bool = False  # maml++ only: query losses after every inner step, annealed weights
   msl_anneal_steps: int = 0  # maml++ only: outer steps over which those weights anneal to the last
@@ -167,6 +170,9 @@ class TrainConfig:
     need(math.isfinite(self.imaml_lambda) and self.imaml_lambda > 0,
          f"imaml_lambda must be a finite number > 0; got {self.imaml_lambda}.")
     need(self.cg_steps >= 1, f"cg_steps must be >= 1; got {self.cg_steps}.")
+    need(math.isfinite(self.cg_damping) and self.cg_damping >= 0,
+         f"cg_damping must be a finite number >= 0; got {self.cg_damping}.")
+    one_of("imaml_inner_optimizer", IMAML_INNER_OPTIMIZERS)
     one_of("outer_lr_schedule", OUTER_LR_SCHEDULES)
     defaults = TrainConfig()
     changed = [f for f in MAMLPP_FIELDS if getattr(self, f) != getattr(defaults, f)]

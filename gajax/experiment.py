@@ -84,7 +84,11 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
         per_step=models.batch_norm_mask if config.bnwb else None, **fast)
   if config.algorithm == "imaml":
     return algorithms.imaml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
-                            lam=config.imaml_lambda, cg_steps=config.cg_steps, **fast)
+                            lam=config.imaml_lambda, cg_steps=config.cg_steps,
+                            cg_damping=config.cg_damping,
+                            inner_optimizer=(optax.adam(config.inner_lr)
+                                             if config.imaml_inner_optimizer == "adam" else None),
+                            **fast)
   return algorithms.maml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                          first_order=config.algorithm == "fomaml", **fast)
 

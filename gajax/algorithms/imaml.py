@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg
+import optax
 
 from gajax.adaptation import adapt
 from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast
@@ -21,7 +22,12 @@ def _sq_dist(a, b):
                                                           jax.tree_util.tree_leaves(b)))
 
 
-def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol):
+def _finite_nonneg(value):
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and value >= 0)
+
+
+def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer):
   _check("imaml", inner_steps, inner_lr)
   if inner_steps < 1:
     raise ValueError(f"imaml: inner_steps must be >= 1, got {inner_steps!r}.")
@@ -30,13 +36,33 @@ def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol):
     raise ValueError(f"imaml: lam must be a finite real number > 0, got {lam!r}.")
   if not isinstance(cg_steps, int) or isinstance(cg_steps, bool) or cg_steps < 1:
     raise ValueError(f"imaml: cg_steps must be an int >= 1, got {cg_steps!r}.")
-  if (not isinstance(cg_tol, numbers.Real) or isinstance(cg_tol, bool) or not math.isfinite(cg_tol)
-      or not cg_tol >= 0):
+  if not _finite_nonneg(cg_tol):
     raise ValueError(f"imaml: cg_tol must be a finite real number >= 0, got {cg_tol!r}.")
+  if not _finite_nonneg(cg_damping):
+    raise ValueError(f"imaml: cg_damping must be a finite real number >= 0, got {cg_damping!r}.")
+  if inner_optimizer is not None and not isinstance(inner_optimizer, optax.GradientTransformation):
+    raise TypeError("imaml: inner_optimizer must be an optax.GradientTransformation (e.g. "
+                    f"optax.adam(1e-3)) or None, got {type(inner_optimizer).__name__}.")
+
+
+def _optax_descent(objective, params, batch, steps, optimizer):
+  """``steps`` steps of ``optimizer`` on ``objective(., batch)`` from ``params``; not differentiated."""
+  grad_fn = jax.value_and_grad(objective)
+
+  def step(carry, _):
+    p, state = carry
+    loss, grads = grad_fn(p, batch)
+    updates, state = optimizer.update(grads, state, p)
+    return (optax.apply_updates(p, updates), state), loss
+
+  (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+  return params, losses
 
 
 def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_steps: int = 5,
-          cg_tol: float = 1e-10, fast_ops: bool = True) -> MetaLearner:
+          cg_tol: float = 1e-10, cg_damping: float = 0.0,
+          inner_optimizer: optax.GradientTransformation | None = None,
+          fast_ops: bool = True) -> MetaLearner:
   r"""iMAML (Rajeswaran et al., 2019, "Meta-Learning with Implicit Gradients", NeurIPS; arXiv:1909.04630).
 
   **Inner problem.** Adaptation is regularised towards the meta-parameters ``theta`` (the paper's
@@ -46,8 +72,10 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
             G(\phi, \theta) = L_s(\phi) + \tfrac{\lambda}{2} \lVert \phi - \theta \rVert^2,
 
   solved approximately by ``inner_steps`` steps of gradient descent at ``inner_lr`` on ``G(., theta)``
-  from ``phi_0 = theta``: ``phi <- phi - inner_lr (grad L_s(phi) + lam (phi - theta))``. No gradient
-  flows through this loop (``theta`` enters it under ``stop_gradient``).
+  from ``phi_0 = theta``: ``phi <- phi - inner_lr (grad L_s(phi) + lam (phi - theta))``, or by
+  ``inner_steps`` steps of any optax ``inner_optimizer`` on ``G(., theta)`` (the paper's point: the
+  implicit gradient needs only an approximate minimiser, not how it was found). No gradient flows
+  through this loop (``theta`` enters it under ``stop_gradient``).
 
   **Implicit meta-gradient.** At a stationary point ``grad L_s(phi*) + lam (phi* - theta) = 0``;
   differentiating in ``theta`` gives ``(H + lam I) dphi*/dtheta = lam I``, with ``H = grad^2 L_s(phi*)``,
@@ -72,7 +100,16 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
   indefinite or singular, the implicit gradient formula does not describe a minimiser, and CG carries
   no convergence guarantee: the ``cg_steps`` iterations return a Krylov-space iterate that may be
   far from ``(I + H / lam)^{-1} grad L_q`` (and non-finite if a curvature ``p^T A p`` vanishes).
-  Raise ``lam`` in that case.
+  Raise ``lam``, or damp the solve, in that case.
+
+  **Damping** (``cg_damping = mu >= 0``). CG then solves ``(I + (H + mu I) / lam) u = grad L_q(phi)``:
+  the Hessian is shifted by ``mu I`` (Levenberg-Marquardt damping), which makes the operator positive
+  definite once ``mu > -lambda_min(H) - lam`` and shrinks ``u`` towards the first-order
+  ``grad L_q(phi) / (1 + mu / lam)`` as ``mu`` grows. ``mu = 0`` is the paper's formula. The authors'
+  released Omniglot code (``imaml_dev``) solves ``((1 + d) I + H / (lam + lam_d)) u = g`` with
+  ``d = 1``, ``lam_d = 10``: that is ``lam / (lam + lam_d)`` times this operator with
+  ``mu = (1 + d)(lam + lam_d) - lam`` (22 at ``lam = 2``), so its ``u`` is this one's times
+  ``(lam + lam_d) / lam``, a constant factor that Adam's normalisation all but removes.
 
   **Shapes and memory.** The update is shaped like ``params``. Because the inner loop is not
   differentiated, memory does not grow with ``inner_steps``: it is that of one linearisation of
@@ -96,8 +133,12 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
       move further and weights the curvature more.
     cg_steps: conjugate-gradient iterations (an int >= 1); the paper uses a handful (about 5).
     cg_tol: relative residual at which CG stops early (>= 0).
+    cg_damping: ``mu >= 0``, the shift of the Hessian in the CG operator (above); 0 is undamped.
+    inner_optimizer: an optax transformation that minimises ``G`` in the inner loop (its own
+      learning rate; ``inner_lr`` is then unused), e.g. ``optax.adam(1e-2)``; ``None`` (the
+      default): gradient descent at ``inner_lr``. Its state starts fresh for every task.
   """
-  _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol)
+  _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer)
   loss_fn = _fast(loss_fn, fast_ops)
 
   def inner(params, support):
@@ -106,8 +147,11 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     def regularised(p, batch):
       return loss_fn(p, batch) + 0.5 * lam * _sq_dist(p, theta)
 
-    phi, losses = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr,
-                        first_order=True)
+    if inner_optimizer is None:
+      phi, losses = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr,
+                          first_order=True)
+    else:
+      phi, losses = _optax_descent(regularised, theta, support, inner_steps, inner_optimizer)
     return jax.lax.stop_gradient(phi), jax.lax.stop_gradient(losses)
 
   def adapt_fn(params, support):
@@ -119,7 +163,8 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     _, hvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, support), phi)
 
     def operator(v):
-      return jax.tree_util.tree_map(lambda x, hx: x + hx / lam, v, hvp(v))
+      # (1 + mu / lam) v + H v / lam, written so that mu = 0 is the undamped operator exactly.
+      return jax.tree_util.tree_map(lambda x, hx: x + (hx + cg_damping * x) / lam, v, hvp(v))
 
     update, _ = jax.scipy.sparse.linalg.cg(operator, q_grad, tol=cg_tol, maxiter=cg_steps)
     # losses[0] = G(theta, theta) = L_s(theta): the regulariser vanishes at the start.
