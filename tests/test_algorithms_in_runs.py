@@ -78,3 +78,29 @@ def test_cosine_outer_schedule_follows_its_closed_form():
 def test_maml_plus_plus_settings_are_checked(change, message):
   with pytest.raises(ValueError, match=message):
     dataclasses.replace(BASE, **change).validate()
+
+
+def test_imaml_config_reaches_the_learner():
+  """cg_damping and imaml_inner_optimizer change the update the run takes (the factory passes them)."""
+  config = dataclasses.replace(BASE, algorithm="imaml", aggregator="mean", inner_lr=0.02,
+                               optimizer="sgd")  # Adam's first step is about sign(g): it would hide a change
+  updates = {}
+  for name, change in [("plain", {}), ("damped", {"cg_damping": 50.0}),
+                       ("adam", {"imaml_inner_optimizer": "adam"})]:
+    exp = make_experiment(dataclasses.replace(config, **change).validate())
+    state = exp.init(seed_keys(0)[0])
+    new, metrics = jax.jit(meta.make_block(exp.step, 1))(state, exp.task.train_data)
+    assert np.all(np.isfinite(metrics["query_loss"]))
+    updates[name] = np.concatenate([np.ravel(a - b) for a, b in zip(
+        jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))])
+  assert not np.allclose(updates["damped"], updates["plain"])
+  assert not np.allclose(updates["adam"], updates["plain"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cg_damping": -1.0}, "cg_damping must be a finite number >= 0"),
+    ({"imaml_inner_optimizer": "lbfgs"}, "imaml_inner_optimizer must be one of"),
+])
+def test_imaml_settings_are_checked(change, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(BASE, algorithm="imaml", **change).validate()

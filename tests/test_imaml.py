@@ -6,6 +6,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from gajax import algorithms
@@ -78,6 +79,65 @@ def test_imaml_matches_closed_form_on_quadratic(eigs):
     np.testing.assert_allclose(aux.support_loss, 0.5 * d0 @ a_mat @ d0, rtol=1e-12)
     np.testing.assert_allclose(aux.adapted_support_loss, 0.5 * d1 @ a_mat @ d1, rtol=1e-9)
     np.testing.assert_allclose(aux.query_loss, 0.5 * np.sum((phi_star - query["b"]) ** 2), rtol=1e-9)
+
+
+# Damping replaces A by A + mu I in the CG operator only (phi* is the undamped inner solution):
+#   u = (I + (A + mu I) / lam)^{-1} grad L_q(phi*) = lam (A + (lam + mu) I)^{-1} (phi* - b).
+@pytest.mark.parametrize("mu", [0.5, 3.0])
+def test_damped_update_matches_closed_form_on_quadratic(mu):
+  lam, eigs = 1.0, (-0.5, 0.3, 1.0, 3.0)
+  with jax.enable_x64(True):
+    params, support, query = quad_problem(eigs, seed=1)
+    theta, a_mat, eye = params["phi"], support["A"], np.eye(len(eigs))
+    learner = imaml(quad_loss, inner_steps=500, inner_lr=1.0 / (max(eigs) + lam), lam=lam,
+                    cg_steps=20, cg_damping=mu)
+    update, aux = jax.jit(learner.with_aux)(params, support, query)
+    phi_star = np.linalg.solve(a_mat + lam * eye, a_mat @ support["a"] + lam * theta)
+    want = lam * np.linalg.solve(a_mat + (lam + mu) * eye, phi_star - query["b"])
+    np.testing.assert_allclose(update["phi"], want, rtol=1e-9, atol=1e-12)
+    undamped = lam * np.linalg.solve(a_mat + lam * eye, phi_star - query["b"])
+    assert np.linalg.norm(want - undamped) > 1e-2 * np.linalg.norm(undamped)  # damping is visible
+    # The inner loop does not see the damping.
+    np.testing.assert_allclose(aux.displacement["phi"], theta - phi_star, rtol=1e-9, atol=1e-12)
+
+
+def test_heavy_damping_tends_to_scaled_first_order():
+  """mu -> infinity: (1 + mu / lam) u -> grad L_q(phi), whatever the curvature."""
+  lam, mu = 1.0, 1e7
+  with jax.enable_x64(True):
+    params, support, query = quad_problem((-0.5, 0.3, 1.0, 3.0), seed=2)
+    learner = imaml(quad_loss, inner_steps=300, inner_lr=0.25, lam=lam, cg_steps=5, cg_damping=mu)
+    update, aux = jax.jit(learner.with_aux)(params, support, query)
+    phi = params["phi"] - aux.displacement["phi"]
+    np.testing.assert_allclose(update["phi"] * (1 + mu / lam), phi - query["b"], rtol=1e-5)
+
+
+def test_inner_optimizer_sgd_equals_default_and_momentum_reaches_the_same_gradient():
+  """The implicit gradient depends on the inner solution, not on the solver that found it."""
+  lam, eigs = 1.0, (0.5, 1.0, 2.0, 4.0)
+  lr = 1.0 / (max(eigs) + lam)
+  with jax.enable_x64(True):
+    params, support, query = quad_problem(eigs, seed=3)
+    default = imaml(quad_loss, inner_steps=9, inner_lr=lr, lam=lam, cg_steps=20)
+    sgd = imaml(quad_loss, inner_steps=9, inner_lr=123.0, lam=lam, cg_steps=20,
+                inner_optimizer=optax.sgd(lr))  # inner_lr is unused with an optimiser
+    (u_default, aux_default), (u_sgd, aux_sgd) = (jax.jit(l.with_aux)(params, support, query)
+                                                  for l in (default, sgd))
+    np.testing.assert_allclose(u_sgd["phi"], u_default["phi"], rtol=1e-12)
+    np.testing.assert_allclose(aux_sgd.displacement["phi"], aux_default.displacement["phi"], rtol=1e-12)
+    # 9 steps are far from converged, so a different solver would land elsewhere ...
+    momentum = imaml(quad_loss, inner_steps=9, inner_lr=lr, lam=lam, cg_steps=20,
+                     inner_optimizer=optax.sgd(lr, momentum=0.5))
+    assert not np.allclose(jax.jit(momentum)(params, support, query)["phi"], u_default["phi"],
+                           rtol=1e-3)
+    # ... but run to convergence it gives the closed form, as gradient descent does.
+    momentum = imaml(quad_loss, inner_steps=600, inner_lr=lr, lam=lam, cg_steps=20,
+                     inner_optimizer=optax.sgd(lr, momentum=0.5))
+    theta, a_mat, eye = params["phi"], support["A"], np.eye(len(eigs))
+    phi_star = np.linalg.solve(a_mat + lam * eye, a_mat @ support["a"] + lam * theta)
+    want = lam * np.linalg.solve(a_mat + lam * eye, phi_star - query["b"])
+    np.testing.assert_allclose(jax.jit(momentum)(params, support, query)["phi"], want, rtol=1e-9)
+    np.testing.assert_allclose(momentum.adapt(params, support)["phi"], phi_star, rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,8 +258,14 @@ def test_per_task_under_jit():
     (dict(cg_steps=0), "cg_steps"), (dict(cg_steps=2.0), "cg_steps"),
     (dict(inner_steps=0), "inner_steps"), (dict(inner_steps=-1), "inner_steps"),
     (dict(inner_lr=-0.1), "inner_lr"), (dict(cg_tol=-1e-3), "cg_tol"),
+    (dict(cg_damping=-1.0), "cg_damping"), (dict(cg_damping=float("nan")), "cg_damping"),
 ])
 def test_rejects_bad_arguments(kwargs, name):
   settings = dict(inner_steps=3, inner_lr=0.1, lam=1.0, cg_steps=5) | kwargs
   with pytest.raises(ValueError, match=f"imaml: {name} must"):
     imaml(quad_loss, **settings)
+
+
+def test_rejects_an_inner_optimizer_that_is_not_optax():
+  with pytest.raises(TypeError, match="imaml: inner_optimizer must be an optax.GradientTransformation"):
+    imaml(quad_loss, inner_steps=3, inner_lr=0.1, lam=1.0, inner_optimizer=lambda g: g)
