@@ -1,10 +1,16 @@
-"""Is the inner loop stable? The support loss's curvature against the inner step size.
+"""Is the inner loop stable? The support loss's curvature against the inner step size; and is
+iMAML's implicit meta-gradient the gradient it stands for?
 
 Gradient descent with step ``alpha`` on a loss whose Hessian has largest eigenvalue ``lambda_max``
 can only decrease the loss along that direction while ``alpha < 2 / lambda_max`` (the classical
 stability limit of gradient descent on a quadratic). Past it the inner loop of MAML, FOMAML or
 Reptile oscillates or diverges and *raises* the task's support loss, and the meta-gradients of such
 tasks are large and erratic. These functions measure both for one task and for a meta-batch.
+
+iMAML (:func:`gajax.algorithms.imaml`) replaces the gradient through its inner loop by the implicit
+formula ``(I + H / lam)^{-1} grad L_q``, which holds at a strict minimiser of the regularised inner
+problem, i.e. while ``lambda_min(H) > -lam``. :func:`implicit_gradient_report` sets the update beside
+the gradient differentiated through the same inner loop, with ``H``'s extreme eigenvalues.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 from gajax.adaptation import adapt
+from gajax.algorithms.imaml import imaml
+from gajax.fast_ops import batchable
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -39,6 +48,10 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTre
   return jax.jvp(lambda p: grad_fn(p, batch), (params,), (vector,))[1]
 
 
+def _dot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
 def top_hessian_eigenvalue(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, *,
                            iters: int = 30) -> jax.Array:
   r"""The largest-magnitude eigenvalue of ``\nabla^2 loss_fn(params, batch)``, by power iteration.
@@ -59,27 +72,117 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: PyTree, batch: PyTree, key: 
     norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(v)))
     return jax.tree_util.tree_map(lambda x: x / jnp.where(norm > 0, norm, 1.0), v)
 
-  def body(_, v):
-    return normalise(hvp(loss_fn, params, batch, v))
-
-  v = jax.lax.fori_loop(0, iters, body, normalise(start))
-  hv = hvp(loss_fn, params, batch, v)
-  return sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(hv)))
+  v = jax.lax.fori_loop(0, iters, lambda _, v: normalise(hvp(loss_fn, params, batch, v)),
+                        normalise(start))
+  return _dot(v, hvp(loss_fn, params, batch, v))
 
 
-def inner_loop_report(loss_fn: LossFn, params: PyTree, supports: PyTree, key: jax.Array, *,
-                      inner_lr: float, inner_steps: int, iters: int = 30) -> InnerLoopReport:
-  """:class:`InnerLoopReport` of every task of a meta-batch (support leaves ``[T, ...]``).
+def hessian_eigenvalue_range(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, *,
+                             iters: int = 30) -> tuple[jax.Array, jax.Array]:
+  """``(lambda_min, lambda_max)`` of the Hessian of ``loss_fn(., batch)`` at ``params``, by Lanczos.
 
-  Compare ``lambda_max`` with ``2 / inner_lr``; ``adapted_support_loss > support_loss`` marks a task
-  whose ``inner_steps`` plain gradient steps at ``inner_lr`` made its own support loss worse.
+  ``iters`` Hessian-vector products from a random unit start build an orthonormal Krylov basis
+  (fully re-orthogonalised, so float32 round-off does not create ghost eigenvalues, and restarted
+  from a fresh direction if the space becomes invariant); the extreme
+  eigenvalues of the projected tridiagonal matrix (Ritz values) converge to the Hessian's extremes
+  much faster than power iteration does on a crowded spectrum. Ritz values lie inside the spectrum:
+  the returned ``lambda_min`` is an estimate from above and ``lambda_max`` one from below, each
+  exact once ``iters`` reaches the number of parameters. A test checks both against a dense
+  eigendecomposition. Memory: ``iters + 1`` parameter-sized vectors.
   """
+  if iters < 1:
+    raise ValueError(f"hessian_eigenvalue_range: iters must be >= 1, got {iters}.")
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  iters = min(iters, flat.size)
+  apply = lambda v: jax.flatten_util.ravel_pytree(hvp(loss_fn, params, batch, unravel(v)))[0]
+  start = jax.random.normal(key, flat.shape, flat.dtype)
+  basis = jnp.zeros((iters + 1,) + flat.shape, flat.dtype).at[0].set(start / jnp.linalg.norm(start))
+
+  def project_out(basis, w):
+    # Rows past the current one are still zero, so this removes exactly the basis built so far
+    # (twice, for orthogonality to working precision).
+    w = w - basis.T @ (basis @ w)
+    return w - basis.T @ (basis @ w)
+
+  def body(i, carry):
+    basis, alphas, betas = carry
+    hv = apply(basis[i])
+    alphas = alphas.at[i].set(jnp.vdot(hv, basis[i]))
+    w = project_out(basis, hv)
+    beta = jnp.linalg.norm(w)
+    # Breakdown: the Krylov space is invariant (w is round-off). Continue from a fresh random
+    # direction orthogonal to it, with a zero coupling, so the tridiagonal matrix splits into blocks
+    # whose eigenvalues are all eigenvalues of H (normalising round-off would create ghosts).
+    broken = beta <= 1e3 * jnp.finfo(flat.dtype).eps * (jnp.linalg.norm(hv) + 1e-30)
+    fresh = project_out(basis, jax.random.normal(jax.random.fold_in(key, i), flat.shape, flat.dtype))
+    w, beta = jnp.where(broken, fresh, w), jnp.where(broken, 0.0, beta)
+    betas = betas.at[i].set(beta)
+    basis = basis.at[i + 1].set(w / jnp.linalg.norm(w))
+    return basis, alphas, betas
+
+  zeros = jnp.zeros((iters,), flat.dtype)
+  _, alphas, betas = jax.lax.fori_loop(0, iters, body, (basis, zeros, zeros))
+  tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+  ritz = jnp.linalg.eigvalsh(tridiagonal)
+  return ritz[0], ritz[-1]
+
+
+class ImplicitGradientReport(NamedTuple):
+  """Per-task figures of :func:`implicit_gradient_report`; every field has a leading axis ``[T]``.
+
+  Attributes:
+    cosine: cosine between iMAML's update and the unrolled meta-gradient.
+    norm_ratio: ``|update| / |unrolled|``.
+    lambda_min: the support loss Hessian's smallest eigenvalue at the adapted parameters (Lanczos,
+      :func:`hessian_eigenvalue_range`: an estimate from above); below ``-lam`` the undamped
+      implicit formula does not describe a minimiser.
+    lambda_max: its largest eigenvalue there (an estimate from below).
+  """
+  cosine: jax.Array
+  norm_ratio: jax.Array
+  lambda_min: jax.Array
+  lambda_max: jax.Array
+
+
+def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *,
+                            inner_steps: int, inner_lr: float, lam: float) -> PyTree:
+  r"""``d/dtheta L_q(phi_k(theta))`` through the ``inner_steps`` steps of gradient descent on
+  ``L_s(phi) + lam/2 |phi - theta|^2`` from ``theta`` (reverse mode through the loop, as MAML's):
+  the exact gradient of what iMAML's inner loop computes, which the implicit formula approximates.
+  """
+  def objective(theta):
+    def regularised(p, batch):
+      return loss_fn(p, batch) + 0.5 * lam * _dot(jax.tree_util.tree_map(jnp.subtract, p, theta),
+                                                   jax.tree_util.tree_map(jnp.subtract, p, theta))
+    phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
+    return loss_fn(phi, query)
+
+  return jax.grad(objective)(params)
+
+
+def implicit_gradient_report(loss_fn: LossFn, params: PyTree, supports: PyTree, queries: PyTree,
+                             key: jax.Array, *, inner_steps: int, inner_lr: float, lam: float,
+                             cg_steps: int, cg_damping: float = 0.0,
+                             iters: int = 30) -> ImplicitGradientReport:
+  """iMAML's update against :func:`unrolled_imaml_gradient` for every task of a meta-batch.
+
+  ``supports`` / ``queries`` have a leading task axis ``[T]``. A cosine near 1 says the implicit
+  formula stands for the gradient of the inner loop that ran; a low or negative one with
+  ``lambda_min < -lam`` points at the indefinite CG operator (damp it: ``cg_damping``).
+  """
+  # Convolutions and max-pools in the forms that batch well over the per-task adapted parameters.
+  loss_fn = batchable(loss_fn)
+  learner = imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, cg_steps=cg_steps,
+                  cg_damping=cg_damping, fast_ops=False)
   num_tasks = jax.tree_util.tree_leaves(supports)[0].shape[0]
 
-  def one(support, k):
-    lam = top_hessian_eigenvalue(loss_fn, params, support, k, iters=iters)
-    adapted, _ = adapt(loss_fn, params, support, steps=inner_steps, lr=inner_lr, first_order=True)
-    return lam, loss_fn(params, support), loss_fn(adapted, support)
+  def one(support, query, k):
+    update = learner(params, support, query)
+    unrolled = unrolled_imaml_gradient(loss_fn, params, support, query, inner_steps=inner_steps,
+                                       inner_lr=inner_lr, lam=lam)
+    norm_u, norm_r = jnp.sqrt(_dot(update, update)), jnp.sqrt(_dot(unrolled, unrolled))
+    phi = learner.adapt(params, support)
+    return (_dot(update, unrolled) / (norm_u * norm_r), norm_u / norm_r,
+            *hessian_eigenvalue_range(loss_fn, phi, support, k, iters=iters))
 
-  lam, before, after = jax.vmap(one)(supports, jax.random.split(key, num_tasks))
-  return InnerLoopReport(lam, before, after)
+  return ImplicitGradientReport(*jax.vmap(one)(supports, queries, jax.random.split(key, num_tasks)))

@@ -184,6 +184,34 @@ def test_implicit_gradient_approaches_unrolled_as_inner_loop_converges():
     assert errors[20] > 1e-4, errors  # not trivially equal: the unrolled Jacobian differs when unconverged
 
 
+def test_implicit_gradient_report_on_a_converged_and_an_unconverged_inner_loop():
+  """The diagnostic's cosine is 1 where the implicit formula is exact and lower where it is not."""
+  from gajax import diagnostics  # pylint: disable=import-outside-toplevel
+  with jax.enable_x64(True):
+    params, support, query, loss_fn = mlp_problem()
+    batched = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
+    report = lambda steps: jax.jit(functools.partial(
+        diagnostics.implicit_gradient_report, loss_fn, inner_steps=steps, inner_lr=LR, lam=LAM,
+        cg_steps=60, iters=25))(params, batched(support), batched(query), jax.random.PRNGKey(0))
+    converged, unconverged = report(200), report(20)
+    assert float(converged.cosine[0]) > 1 - 1e-9 and abs(float(converged.norm_ratio[0]) - 1) < 1e-6
+    # The unrolled reference is an independent computation (the helper above): same figure.
+    want = unrolled_meta_gradient(loss_fn, params, support, query, 20)
+    got = jax.flatten_util.ravel_pytree(jax.jit(imaml(loss_fn, inner_steps=20, inner_lr=LR, lam=LAM,
+                                                      cg_steps=60))(params, support, query))[0]
+    np.testing.assert_allclose(float(unconverged.cosine[0]),
+                               float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)),
+                               rtol=1e-9)
+    assert float(unconverged.cosine[0]) < 1 - 1e-6
+    # lambda_min at the adapted parameters, against the dense Hessian there.
+    learner = imaml(loss_fn, inner_steps=200, inner_lr=LR, lam=LAM)
+    flat, unravel = jax.flatten_util.ravel_pytree(learner.adapt(params, support))
+    eigs = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), support))(flat)))
+    np.testing.assert_allclose([float(converged.lambda_min[0]), float(converged.lambda_max[0])],
+                               [eigs[0], eigs[-1]], rtol=1e-6, atol=1e-8)
+    assert eigs[0] > -LAM  # where the formula holds: the test's premise
+
+
 def test_update_is_the_implicit_formula_at_the_inner_loops_endpoint():
   """Even with an unconverged inner loop, the update is (I + H/lam)^{-1} grad L_q at phi_k, nothing else."""
   steps = 7

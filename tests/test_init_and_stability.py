@@ -112,6 +112,34 @@ def test_top_hessian_eigenvalue_matches_the_dense_hessian():
     jax.config.update("jax_enable_x64", False)
 
 
+def test_lanczos_eigenvalue_range_matches_the_dense_hessian():
+  """Both extremes of an indefinite Hessian (the MLP's has negative curvature) within 1e-6."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    model = MLP((6, 5, 1), init_scheme="torch")
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
+                                    model.init(jax.random.PRNGKey(4), jnp.zeros((1, 1))))
+    x = jnp.linspace(-3, 3, 12, dtype=jnp.float64)[:, None]
+    batch = {"x": x, "y": 2.0 * jnp.sin(x + 0.4)}
+
+    def loss(p, b):
+      return jnp.mean(jnp.square(model.apply(p, b["x"]) - b["y"]))
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    eigs = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat)))
+    assert eigs[0] < -1e-3 * abs(eigs[-1])  # indefinite: the lower end is a real test
+    span = jax.jit(functools.partial(diagnostics.hessian_eigenvalue_range, loss, iters=flat.size),
+                   compiler_options=FAST_COMPILE)
+    low, high = span(params, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose([float(low), float(high)], [eigs[0], eigs[-1]], rtol=1e-6, atol=1e-9)
+    # Fewer iterations than parameters: Ritz values stay inside the spectrum.
+    low, high = diagnostics.hessian_eigenvalue_range(loss, params, batch, jax.random.PRNGKey(1),
+                                                     iters=8)
+    assert eigs[0] - 1e-9 <= float(low) < 0 and 0 < float(high) <= eigs[-1] + 1e-9
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 @functools.lru_cache(maxsize=None)
 def _sinusoid_report(scheme):
   """``(init_params, jitted inner_loop_report)`` of one scheme, shared by the seeds."""

@@ -116,6 +116,34 @@ def test_diagnose_init_reports_each_scheme(tmp_path):
   assert bad.returncode != 0 and "init must be one of" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_diagnose_imaml_compares_implicit_and_unrolled_gradients(tmp_path):
+  run = tmp_path / "run"
+  result = run_script("train.py", "--config.algorithm=imaml", "--config.imaml_lambda=5",
+                      "--config.inner_lr=0.02", "--config.inner_steps=3", "--config.num_iterations=1",
+                      "--config.meta_batch_size=2", "--config.eval_tasks=4", f"--workdir={run}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = tmp_path / "diag.json"
+  result = run_script("diagnose_imaml.py", f"--workdir={run}", "--tasks=2", "--cg_steps=3",
+                      "--cg_damping=0,1e6", "--power_iters=4", f"--json={out}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(out.read_text())
+  rows = report["rows"]
+  assert report["step"] == 1 and [(r["cg_steps"], r["cg_damping"]) for r in rows] == [(3, 0), (3, 1e6)]
+  for r in rows:
+    assert len(r["cosine"]) == 2 and all(-1 - 1e-5 <= c <= 1 + 1e-5 for c in r["cosine"])
+    assert all(lo <= hi for lo, hi in zip(r["lambda_min"], r["lambda_max"]))
+  # Damping shrinks the update by about 1 + mu / lam; the unrolled gradient does not change.
+  assert all(d < 1e-3 * u for d, u in zip(rows[1]["norm_ratio"], rows[0]["norm_ratio"]))
+  assert "| 3 | 1e+06 |" in result.stdout
+
+  other = tmp_path / "maml"  # a MAML run's settings (no checkpoint needed to be refused)
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps(
+      {**json.loads((run / "config.json").read_text()), "algorithm": "maml"}))
+  bad = run_script("diagnose_imaml.py", f"--workdir={other}")
+  assert bad.returncode != 0 and "this diagnoses imaml runs" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_corruption_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
   out, fig = tmp_path / "grid.json", tmp_path / "grid.png"
   args = ["--seeds=2", "--config.num_iterations=4", "--config.log_every=2", "--config.eval_tasks=10",
