@@ -87,22 +87,26 @@ def test_schemes_share_one_parameter_tree_and_bad_names_are_refused():
     MLP((4, 1), init_scheme="kaiming").init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))
 
 
+def _mlp_curvature_problem(seed):
+  """``(loss, params, batch, dense Hessian eigenvalues)`` of a small float64 MLP regression (x64 on)."""
+  model = MLP((6, 5, 1), init_scheme="torch")
+  params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
+                                  model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1))))
+  x = jnp.linspace(-3, 3, 12, dtype=jnp.float64)[:, None]
+  batch = {"x": x, "y": 2.0 * jnp.sin(x + 0.4)}
+
+  def loss(p, b):
+    return jnp.mean(jnp.square(model.apply(p, b["x"]) - b["y"]))
+
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda f: loss(unravel(f), batch)), compiler_options=FAST_COMPILE)
+  return loss, params, batch, np.linalg.eigvalsh(np.asarray(hessian(flat)))
+
+
 def test_top_hessian_eigenvalue_matches_the_dense_hessian():
   jax.config.update("jax_enable_x64", True)
   try:
-    model = MLP((6, 5, 1), init_scheme="torch")
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
-                                    model.init(jax.random.PRNGKey(3), jnp.zeros((1, 1))))
-    x = jnp.linspace(-3, 3, 12, dtype=jnp.float64)[:, None]
-    batch = {"x": x, "y": 2.0 * jnp.sin(x + 0.4)}
-
-    def loss(p, b):
-      return jnp.mean(jnp.square(model.apply(p, b["x"]) - b["y"]))
-
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    hessian = jax.jit(jax.hessian(lambda f: loss(unravel(f), batch)), compiler_options=FAST_COMPILE)
-    dense = np.asarray(hessian(flat))
-    eigs = np.linalg.eigvalsh(dense)
+    loss, params, batch, eigs = _mlp_curvature_problem(3)
     want = eigs[np.argmax(np.abs(eigs))]
     top = jax.jit(functools.partial(diagnostics.top_hessian_eigenvalue, loss, iters=300),
                   compiler_options=FAST_COMPILE)
@@ -116,19 +120,9 @@ def test_lanczos_eigenvalue_range_matches_the_dense_hessian():
   """Both extremes of an indefinite Hessian (the MLP's has negative curvature) within 1e-6."""
   jax.config.update("jax_enable_x64", True)
   try:
-    model = MLP((6, 5, 1), init_scheme="torch")
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
-                                    model.init(jax.random.PRNGKey(4), jnp.zeros((1, 1))))
-    x = jnp.linspace(-3, 3, 12, dtype=jnp.float64)[:, None]
-    batch = {"x": x, "y": 2.0 * jnp.sin(x + 0.4)}
-
-    def loss(p, b):
-      return jnp.mean(jnp.square(model.apply(p, b["x"]) - b["y"]))
-
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    eigs = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda f: loss(unravel(f), batch))(flat)))
+    loss, params, batch, eigs = _mlp_curvature_problem(4)
     assert eigs[0] < -1e-3 * abs(eigs[-1])  # indefinite: the lower end is a real test
-    span = jax.jit(functools.partial(diagnostics.hessian_eigenvalue_range, loss, iters=flat.size),
+    span = jax.jit(functools.partial(diagnostics.hessian_eigenvalue_range, loss, iters=eigs.size),
                    compiler_options=FAST_COMPILE)
     low, high = span(params, batch, jax.random.PRNGKey(0))
     np.testing.assert_allclose([float(low), float(high)], [eigs[0], eigs[-1]], rtol=1e-6, atol=1e-9)
