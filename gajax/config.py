@@ -28,11 +28,13 @@ CLASSIFICATION_TASKS = ("omniglot",) + IMAGE_TASKS
 TASKS = ("sinusoid", "binary") + CLASSIFICATION_TASKS
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "maml++")
 # Algorithms with an inner displacement theta - theta_i that is not already their update.
-IMAML_INNER_OPTIMIZERS = ("sgd", "adam")
 DISPLACEMENT_ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "imaml", "maml++")
 OUTER_LR_SCHEDULES = ("constant", "cosine")
 # MAML++ switches (Antoniou et al., 2019): they apply to algorithm="maml++" only.
 MAMLPP_FIELDS = ("lslr", "multi_step_loss", "msl_anneal_steps", "first_order_steps", "bnwb")
+# iMAML's settings (Rajeswaran et al., 2019): they apply to algorithm="imaml" only.
+IMAML_FIELDS = ("imaml_lambda", "cg_steps", "cg_damping", "imaml_inner_optimizer")
+IMAML_INNER_OPTIMIZERS = ("sgd", "adam")
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
 SPLITS = ("maml", "lake")
@@ -175,9 +177,11 @@ class TrainConfig:
     one_of("imaml_inner_optimizer", IMAML_INNER_OPTIMIZERS)
     one_of("outer_lr_schedule", OUTER_LR_SCHEDULES)
     defaults = TrainConfig()
-    changed = [f for f in MAMLPP_FIELDS if getattr(self, f) != getattr(defaults, f)]
-    need(self.algorithm == "maml++" or not changed,
-         f"{', '.join(changed)} apply to algorithm='maml++' only; got algorithm={self.algorithm!r}.")
+    for algorithm, fields in (("maml++", MAMLPP_FIELDS), ("imaml", IMAML_FIELDS)):
+      changed = [f for f in fields if getattr(self, f) != getattr(defaults, f)]
+      need(self.algorithm == algorithm or not changed,
+           f"{', '.join(changed)} apply to algorithm={algorithm!r} only; got "
+           f"algorithm={self.algorithm!r}.")
     need(not self.bnwb or self.task in CLASSIFICATION_TASKS,
          f"bnwb needs a model with batch norm (a classification task's Conv-4); got task={self.task!r}.")
     need(not self.bnwb or self.inner_steps >= 1, "bnwb needs inner_steps >= 1.")

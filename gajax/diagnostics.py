@@ -15,7 +15,7 @@ the gradient differentiated through the same inner loop, with ``H``'s extreme ei
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.flatten_util
@@ -85,9 +85,10 @@ def hessian_eigenvalue_range(loss_fn: LossFn, params: PyTree, batch: PyTree, key
   (fully re-orthogonalised, so float32 round-off does not create ghost eigenvalues, and restarted
   from a fresh direction if the space becomes invariant); the extreme
   eigenvalues of the projected tridiagonal matrix (Ritz values) converge to the Hessian's extremes
-  much faster than power iteration does on a crowded spectrum. Ritz values lie inside the spectrum:
-  the returned ``lambda_min`` is an estimate from above and ``lambda_max`` one from below, each
-  exact once ``iters`` reaches the number of parameters. A test checks both against a dense
+  much faster than power iteration does on a crowded spectrum. Ritz values lie inside the spectrum
+  (up to round-off: in float32 the breakdown test, ``1e3 eps |Hv|``, can drop a coupling of about
+  1e-4 of ``|Hv|``): the returned ``lambda_min`` is an estimate from above and ``lambda_max`` one
+  from below, each exact once ``iters`` reaches the number of parameters. A test checks both against a dense
   eigendecomposition. Memory: ``iters + 1`` parameter-sized vectors.
   """
   if iters < 1:
@@ -127,16 +128,35 @@ def hessian_eigenvalue_range(loss_fn: LossFn, params: PyTree, batch: PyTree, key
   return ritz[0], ritz[-1]
 
 
+def inner_loop_report(loss_fn: LossFn, params: PyTree, supports: PyTree, key: jax.Array, *,
+                      inner_lr: float, inner_steps: int, iters: int = 30) -> InnerLoopReport:
+  """:class:`InnerLoopReport` of every task of a meta-batch (support leaves ``[T, ...]``).
+
+  Compare ``lambda_max`` with ``2 / inner_lr``; ``adapted_support_loss > support_loss`` marks a task
+  whose ``inner_steps`` plain gradient steps at ``inner_lr`` made its own support loss worse.
+  """
+  num_tasks = jax.tree_util.tree_leaves(supports)[0].shape[0]
+
+  def one(support, k):
+    lam = top_hessian_eigenvalue(loss_fn, params, support, k, iters=iters)
+    adapted, _ = adapt(loss_fn, params, support, steps=inner_steps, lr=inner_lr, first_order=True)
+    return lam, loss_fn(params, support), loss_fn(adapted, support)
+
+  lam, before, after = jax.vmap(one)(supports, jax.random.split(key, num_tasks))
+  return InnerLoopReport(lam, before, after)
+
+
 class ImplicitGradientReport(NamedTuple):
-  """Per-task figures of :func:`implicit_gradient_report`; every field has a leading axis ``[T]``.
+  """Figures of :func:`implicit_gradient_report` for ``T`` tasks and ``S`` CG settings.
 
   Attributes:
-    cosine: cosine between iMAML's update and the unrolled meta-gradient.
-    norm_ratio: ``|update| / |unrolled|``.
-    lambda_min: the support loss Hessian's smallest eigenvalue at the adapted parameters (Lanczos,
-      :func:`hessian_eigenvalue_range`: an estimate from above); below ``-lam`` the undamped
-      implicit formula does not describe a minimiser.
-    lambda_max: its largest eigenvalue there (an estimate from below).
+    cosine: ``[S, T]``, cosine between iMAML's update and the unrolled meta-gradient.
+    norm_ratio: ``[S, T]``, ``|update| / |unrolled|``.
+    lambda_min: ``[T]``, the support loss Hessian's smallest eigenvalue at the adapted parameters
+      (Lanczos, :func:`hessian_eigenvalue_range`: an estimate from above); below ``-(lam + mu)``
+      the CG operator with damping ``mu`` is indefinite and the implicit formula describes no
+      minimiser.
+    lambda_max: ``[T]``, its largest eigenvalue there (an estimate from below).
   """
   cosine: jax.Array
   norm_ratio: jax.Array
@@ -148,12 +168,13 @@ def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, qu
                             inner_steps: int, inner_lr: float, lam: float) -> PyTree:
   r"""``d/dtheta L_q(phi_k(theta))`` through the ``inner_steps`` steps of gradient descent on
   ``L_s(phi) + lam/2 |phi - theta|^2`` from ``theta`` (reverse mode through the loop, as MAML's):
-  the exact gradient of what iMAML's inner loop computes, which the implicit formula approximates.
+  the exact gradient of what iMAML's default inner loop computes, which the implicit formula
+  approximates.
   """
   def objective(theta):
     def regularised(p, batch):
-      return loss_fn(p, batch) + 0.5 * lam * _dot(jax.tree_util.tree_map(jnp.subtract, p, theta),
-                                                   jax.tree_util.tree_map(jnp.subtract, p, theta))
+      diff = jax.tree_util.tree_map(jnp.subtract, p, theta)
+      return loss_fn(p, batch) + 0.5 * lam * _dot(diff, diff)
     phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
     return loss_fn(phi, query)
 
@@ -162,27 +183,39 @@ def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, qu
 
 def implicit_gradient_report(loss_fn: LossFn, params: PyTree, supports: PyTree, queries: PyTree,
                              key: jax.Array, *, inner_steps: int, inner_lr: float, lam: float,
-                             cg_steps: int, cg_damping: float = 0.0,
+                             cg_settings: Sequence[tuple[int, float]] = ((5, 0.0),),
                              iters: int = 30) -> ImplicitGradientReport:
   """iMAML's update against :func:`unrolled_imaml_gradient` for every task of a meta-batch.
 
-  ``supports`` / ``queries`` have a leading task axis ``[T]``. A cosine near 1 says the implicit
-  formula stands for the gradient of the inner loop that ran; a low or negative one with
+  ``supports`` / ``queries`` have a leading task axis ``[T]``; ``cg_settings`` lists
+  ``(cg_steps, cg_damping)`` pairs, each giving one row of the cosines and norm ratios (the unrolled
+  gradient and the eigenvalues are computed once). iMAML's inner loop is gradient descent at
+  ``inner_lr`` here, the loop the unrolled gradient differentiates. A cosine near 1 says the
+  implicit formula stands for the gradient of the inner loop that ran; a low or negative one with
   ``lambda_min < -lam`` points at the indefinite CG operator (damp it: ``cg_damping``).
   """
+  if not cg_settings:
+    raise ValueError("implicit_gradient_report: cg_settings must list at least one "
+                     "(cg_steps, cg_damping) pair.")
   # Convolutions and max-pools in the forms that batch well over the per-task adapted parameters.
   loss_fn = batchable(loss_fn)
-  learner = imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, cg_steps=cg_steps,
-                  cg_damping=cg_damping, fast_ops=False)
+  learners = [imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, cg_steps=steps,
+                    cg_damping=mu, fast_ops=False) for steps, mu in cg_settings]
   num_tasks = jax.tree_util.tree_leaves(supports)[0].shape[0]
 
   def one(support, query, k):
-    update = learner(params, support, query)
     unrolled = unrolled_imaml_gradient(loss_fn, params, support, query, inner_steps=inner_steps,
                                        inner_lr=inner_lr, lam=lam)
-    norm_u, norm_r = jnp.sqrt(_dot(update, update)), jnp.sqrt(_dot(unrolled, unrolled))
-    phi = learner.adapt(params, support)
-    return (_dot(update, unrolled) / (norm_u * norm_r), norm_u / norm_r,
+    norm_r = jnp.sqrt(_dot(unrolled, unrolled))
+    cosines, ratios = [], []
+    for learner in learners:
+      update, aux = learner.with_aux(params, support, query)
+      norm_u = jnp.sqrt(_dot(update, update))
+      cosines.append(_dot(update, unrolled) / (norm_u * norm_r))
+      ratios.append(norm_u / norm_r)
+    phi = jax.tree_util.tree_map(jnp.subtract, params, aux.displacement)  # displacement = theta - phi
+    return (jnp.stack(cosines), jnp.stack(ratios),
             *hessian_eigenvalue_range(loss_fn, phi, support, k, iters=iters))
 
-  return ImplicitGradientReport(*jax.vmap(one)(supports, queries, jax.random.split(key, num_tasks)))
+  cosine, ratio, low, high = jax.vmap(one)(supports, queries, jax.random.split(key, num_tasks))
+  return ImplicitGradientReport(cosine.T, ratio.T, low, high)

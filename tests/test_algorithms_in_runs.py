@@ -81,26 +81,36 @@ def test_maml_plus_plus_settings_are_checked(change, message):
 
 
 def test_imaml_config_reaches_the_learner():
-  """cg_damping and imaml_inner_optimizer change the update the run takes (the factory passes them)."""
-  config = dataclasses.replace(BASE, algorithm="imaml", aggregator="mean", inner_lr=0.02,
-                               optimizer="sgd")  # Adam's first step is about sign(g): it would hide a change
-  updates = {}
-  for name, change in [("plain", {}), ("damped", {"cg_damping": 50.0}),
-                       ("adam", {"imaml_inner_optimizer": "adam"})]:
-    exp = make_experiment(dataclasses.replace(config, **change).validate())
-    state = exp.init(seed_keys(0)[0])
-    new, metrics = jax.jit(meta.make_block(exp.step, 1))(state, exp.task.train_data)
-    assert np.all(np.isfinite(metrics["query_loss"]))
-    updates[name] = np.concatenate([np.ravel(a - b) for a, b in zip(
-        jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params))])
-  assert not np.allclose(updates["damped"], updates["plain"])
-  assert not np.allclose(updates["adam"], updates["plain"])
+  """cg_damping and imaml_inner_optimizer reach gajax.algorithms.imaml: the config's learner gives
+  the update of one built directly with those arguments, and a different one without them."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from gajax import algorithms  # pylint: disable=import-outside-toplevel
+  from gajax.experiment import make_learner, make_task  # pylint: disable=import-outside-toplevel
+  config = dataclasses.replace(BASE, algorithm="imaml", inner_lr=0.02, imaml_lambda=3.0, cg_steps=4)
+  task = make_task(config)
+  params = task.init_params(jax.random.PRNGKey(0))
+  supports, queries = task.sample(jax.random.PRNGKey(1), 1, task.train_data)
+  one = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+  direct = dict(inner_steps=2, inner_lr=0.02, lam=3.0, cg_steps=4)
+  got, want = {}, {}
+  for name, change, kwargs in [
+      ("plain", {}, {}),
+      ("damped", {"cg_damping": 50.0}, {"cg_damping": 50.0}),
+      ("adam", {"imaml_inner_optimizer": "adam"}, {"inner_optimizer": optax.adam(0.02)})]:
+    learner = make_learner(dataclasses.replace(config, **change).validate(), task.loss_fn)
+    got[name] = flat(jax.jit(learner)(params, one(supports), one(queries)))
+    want[name] = flat(jax.jit(algorithms.imaml(task.loss_fn, **direct, **kwargs))(
+        params, one(supports), one(queries)))
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+  assert not np.allclose(got["damped"], got["plain"]) and not np.allclose(got["adam"], got["plain"])
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"cg_damping": -1.0}, "cg_damping must be a finite number >= 0"),
-    ({"imaml_inner_optimizer": "lbfgs"}, "imaml_inner_optimizer must be one of"),
+    ({"algorithm": "imaml", "cg_damping": -1.0}, "cg_damping must be a finite number >= 0"),
+    ({"algorithm": "imaml", "imaml_inner_optimizer": "lbfgs"}, "imaml_inner_optimizer must be one of"),
+    ({"cg_damping": 1.0, "cg_steps": 3}, "cg_steps, cg_damping apply to algorithm='imaml' only"),
 ])
 def test_imaml_settings_are_checked(change, message):
   with pytest.raises(ValueError, match=message):
-    dataclasses.replace(BASE, algorithm="imaml", **change).validate()
+    dataclasses.replace(BASE, **change).validate()

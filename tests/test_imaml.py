@@ -184,6 +184,11 @@ def test_implicit_gradient_approaches_unrolled_as_inner_loop_converges():
     assert errors[20] > 1e-4, errors  # not trivially equal: the unrolled Jacobian differs when unconverged
 
 
+def learner_phi(params, support, loss_fn):
+  """The adapted parameters after 200 regularised steps (the converged inner loop below)."""
+  return imaml(loss_fn, inner_steps=200, inner_lr=LR, lam=LAM).adapt(params, support)
+
+
 def test_implicit_gradient_report_on_a_converged_and_an_unconverged_inner_loop():
   """The diagnostic's cosine is 1 where the implicit formula is exact and lower where it is not."""
   from gajax import diagnostics  # pylint: disable=import-outside-toplevel
@@ -192,20 +197,28 @@ def test_implicit_gradient_report_on_a_converged_and_an_unconverged_inner_loop()
     batched = lambda tree: jax.tree_util.tree_map(lambda x: x[None], tree)
     report = lambda steps: jax.jit(functools.partial(
         diagnostics.implicit_gradient_report, loss_fn, inner_steps=steps, inner_lr=LR, lam=LAM,
-        cg_steps=60, iters=25))(params, batched(support), batched(query), jax.random.PRNGKey(0))
+        cg_settings=((60, 0.0), (60, 1e6)), iters=25))(params, batched(support), batched(query),
+                                                        jax.random.PRNGKey(0))
     converged, unconverged = report(200), report(20)
-    assert float(converged.cosine[0]) > 1 - 1e-9 and abs(float(converged.norm_ratio[0]) - 1) < 1e-6
+    assert converged.cosine.shape == (2, 1) and converged.lambda_min.shape == (1,)
+    assert float(converged.cosine[0, 0]) > 1 - 1e-9
+    assert abs(float(converged.norm_ratio[0, 0]) - 1) < 1e-6
+    # Heavy damping: the update shrinks by about 1 + mu / lam, the reference does not move.
+    np.testing.assert_allclose(float(converged.norm_ratio[1, 0]) * (1 + 1e6 / LAM),
+                               float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(
+                                   learner_phi(params, support, loss_fn), query))[0]) /
+                                     jnp.linalg.norm(unrolled_meta_gradient(
+                                         loss_fn, params, support, query, 200))), rtol=1e-4)
     # The unrolled reference is an independent computation (the helper above): same figure.
     want = unrolled_meta_gradient(loss_fn, params, support, query, 20)
     got = jax.flatten_util.ravel_pytree(jax.jit(imaml(loss_fn, inner_steps=20, inner_lr=LR, lam=LAM,
                                                       cg_steps=60))(params, support, query))[0]
-    np.testing.assert_allclose(float(unconverged.cosine[0]),
+    np.testing.assert_allclose(float(unconverged.cosine[0, 0]),
                                float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)),
                                rtol=1e-9)
-    assert float(unconverged.cosine[0]) < 1 - 1e-6
+    assert float(unconverged.cosine[0, 0]) < 1 - 1e-6
     # lambda_min at the adapted parameters, against the dense Hessian there.
-    learner = imaml(loss_fn, inner_steps=200, inner_lr=LR, lam=LAM)
-    flat, unravel = jax.flatten_util.ravel_pytree(learner.adapt(params, support))
+    flat, unravel = jax.flatten_util.ravel_pytree(learner_phi(params, support, loss_fn))
     eigs = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), support))(flat)))
     np.testing.assert_allclose([float(converged.lambda_min[0]), float(converged.lambda_max[0])],
                                [eigs[0], eigs[-1]], rtol=1e-6, atol=1e-8)
