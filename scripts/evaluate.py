@@ -18,6 +18,7 @@ import _cli
 
 from gajax import meta
 from gajax.checkpoint import Checkpointer
+from gajax.config import IMAML_FIELDS, TrainConfig
 from gajax.experiment import evaluation_data, make_experiment, seed_keys
 from gajax.workdir import atomic_write, load_config
 
@@ -28,6 +29,9 @@ flags.DEFINE_integer("eval_queries", None, "Query examples per evaluation task (
 flags.DEFINE_string("data_dir", None, "Omniglot data path (default: the run's --data_dir).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_string("output", None, "Where to write the JSON (default: <workdir>/eval.json).")
+flags.DEFINE_bool("plain_adaptation", False, "iMAML runs only: adapt at evaluation by plain gradient "
+                  "descent at inner_lr (no proximal term), as the iMAML authors' evaluation does "
+                  "(lambda = 0), instead of the run's regularised inner loop.")
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +45,13 @@ def main(argv):
     sys.exit(f"error: {e}")
   overrides = {name: FLAGS[name].value for name in ("eval_tasks", "eval_inner_steps", "eval_queries",
                                                     "data_dir") if FLAGS[name].value is not None}
+  if FLAGS.plain_adaptation:
+    if config.algorithm != "imaml":
+      sys.exit(f"error: --plain_adaptation applies to imaml runs; {FLAGS.workdir} is a "
+               f"{config.algorithm} run.")
+    # FOMAML's inner loop is plain gradient descent on the support loss; the parameters are the same.
+    defaults = TrainConfig()
+    overrides.update(algorithm="fomaml", **{f: getattr(defaults, f) for f in IMAML_FIELDS})
   try:
     config = dataclasses.replace(config, **overrides).validate()
     exp = make_experiment(config)
@@ -52,6 +63,7 @@ def main(argv):
   mean, ci = meta.mean_ci95(values)
   result = {"metric": exp.task.metric, "mean": float(mean), "ci95": float(ci),
             "num_tasks": int(values.shape[0]), "seed": config.seed, "steps": int(state.step),
+            "plain_adaptation": FLAGS.plain_adaptation,
             "config": config.to_dict()}
   output = FLAGS.output or os.path.join(FLAGS.workdir, "eval.json")
   atomic_write(output, json.dumps(result, indent=2))

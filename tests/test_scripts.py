@@ -143,6 +143,18 @@ def test_diagnose_imaml_compares_implicit_and_unrolled_gradients(tmp_path):
   bad = run_script("diagnose_imaml.py", f"--workdir={other}")
   assert bad.returncode != 0 and "this diagnoses imaml runs" in bad.stderr.strip().splitlines()[-1]
 
+  # evaluate.py --plain_adaptation: the same tasks adapted without the proximal term (lambda = 5
+  # holds the regularised loop near theta, so the two evaluations differ).
+  evals = {}
+  for name, extra in (("regularised", []), ("plain", ["--plain_adaptation"])):
+    done = run_script("evaluate.py", f"--workdir={run}", f"--output={tmp_path / name}.json", *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    evals[name] = json.loads((tmp_path / f"{name}.json").read_text())
+  assert evals["plain"]["plain_adaptation"] and not evals["regularised"]["plain_adaptation"]
+  assert evals["plain"]["mean"] != evals["regularised"]["mean"]
+  bad = run_script("evaluate.py", f"--workdir={other}", "--plain_adaptation")
+  assert bad.returncode != 0 and "applies to imaml runs" in bad.stderr.strip().splitlines()[-1]
+
 
 def test_corruption_benchmark_runs_resumes_and_refuses_other_settings(tmp_path):
   out, fig = tmp_path / "grid.json", tmp_path / "grid.png"
