@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -62,6 +63,26 @@ def adapt(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
   if steps == 0:
     return params, jnp.zeros((0,), jnp.float32)
   return checkpointed_scan(step, params, None, steps, remat=remat)
+
+
+def adapt_with_optimizer(loss_fn: LossFn, params: PyTree, batch: PyTree, *, steps: int,
+                         optimizer: optax.GradientTransformation) -> tuple[PyTree, jax.Array]:
+  """``steps`` steps of an optax ``optimizer`` on ``loss_fn(., batch)`` from ``params`` (its state
+  starts fresh); like :func:`adapt`, returns ``(theta_k, losses)`` with ``losses[s]`` the loss at
+  ``theta_s``, shape ``[steps]``. Meant for inner loops that are not differentiated (iMAML's).
+  """
+  if steps < 1:
+    raise ValueError(f"adapt_with_optimizer: steps must be >= 1, got {steps}.")
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(carry, _):
+    p, state = carry
+    loss, grads = grad_fn(p, batch)
+    updates, state = optimizer.update(grads, state, p)
+    return (optax.apply_updates(p, updates), state), loss
+
+  (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+  return params, losses
 
 
 def checkpointed_scan(step, carry, xs, length: int, *, remat: bool):

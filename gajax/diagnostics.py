@@ -20,9 +20,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+from optax.tree_utils import tree_sub, tree_vdot
 
 from gajax.adaptation import adapt
-from gajax.algorithms.imaml import imaml
+from gajax.algorithms.imaml import imaml, implicit_update
 from gajax.fast_ops import batchable
 
 PyTree = Any
@@ -48,10 +49,6 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, vector: PyTree) -> PyTre
   return jax.jvp(lambda p: grad_fn(p, batch), (params,), (vector,))[1]
 
 
-def _dot(a, b):
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-
-
 def top_hessian_eigenvalue(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, *,
                            iters: int = 30) -> jax.Array:
   r"""The largest-magnitude eigenvalue of ``\nabla^2 loss_fn(params, batch)``, by power iteration.
@@ -74,7 +71,7 @@ def top_hessian_eigenvalue(loss_fn: LossFn, params: PyTree, batch: PyTree, key: 
 
   v = jax.lax.fori_loop(0, iters, lambda _, v: normalise(hvp(loss_fn, params, batch, v)),
                         normalise(start))
-  return _dot(v, hvp(loss_fn, params, batch, v))
+  return tree_vdot(v, hvp(loss_fn, params, batch, v))
 
 
 def hessian_eigenvalue_range(loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, *,
@@ -173,8 +170,8 @@ def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, qu
   """
   def objective(theta):
     def regularised(p, batch):
-      diff = jax.tree_util.tree_map(jnp.subtract, p, theta)
-      return loss_fn(p, batch) + 0.5 * lam * _dot(diff, diff)
+      diff = tree_sub(p, theta)
+      return loss_fn(p, batch) + 0.5 * lam * tree_vdot(diff, diff)
     phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
     return loss_fn(phi, query)
 
@@ -199,21 +196,21 @@ def implicit_gradient_report(loss_fn: LossFn, params: PyTree, supports: PyTree, 
                      "(cg_steps, cg_damping) pair.")
   # Convolutions and max-pools in the forms that batch well over the per-task adapted parameters.
   loss_fn = batchable(loss_fn)
-  learners = [imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, cg_steps=steps,
-                    cg_damping=mu, fast_ops=False) for steps, mu in cg_settings]
+  inner_loop = imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, fast_ops=False)
   num_tasks = jax.tree_util.tree_leaves(supports)[0].shape[0]
 
   def one(support, query, k):
     unrolled = unrolled_imaml_gradient(loss_fn, params, support, query, inner_steps=inner_steps,
                                        inner_lr=inner_lr, lam=lam)
-    norm_r = jnp.sqrt(_dot(unrolled, unrolled))
+    norm_r = jnp.sqrt(tree_vdot(unrolled, unrolled))
+    phi = inner_loop.adapt(params, support)  # once: the CG settings share the inner loop
     cosines, ratios = [], []
-    for learner in learners:
-      update, aux = learner.with_aux(params, support, query)
-      norm_u = jnp.sqrt(_dot(update, update))
-      cosines.append(_dot(update, unrolled) / (norm_u * norm_r))
+    for steps, mu in cg_settings:
+      update, _ = implicit_update(loss_fn, phi, support, query, lam=lam, cg_steps=steps,
+                                  cg_damping=mu)
+      norm_u = jnp.sqrt(tree_vdot(update, update))
+      cosines.append(tree_vdot(update, unrolled) / (norm_u * norm_r))
       ratios.append(norm_u / norm_r)
-    phi = jax.tree_util.tree_map(jnp.subtract, params, aux.displacement)  # displacement = theta - phi
     return (jnp.stack(cosines), jnp.stack(ratios),
             *hessian_eigenvalue_range(loss_fn, phi, support, k, iters=iters))
 

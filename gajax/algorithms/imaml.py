@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.scipy.sparse.linalg
 import optax
 
-from gajax.adaptation import adapt
+from gajax.adaptation import adapt, adapt_with_optimizer
 from gajax.algorithms.core import LossFn, MetaLearner, TaskAux, _adapted_loss, _check, _displacement, _fast
 
 PyTree = Any
@@ -45,18 +45,22 @@ def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner
                     f"optax.adam(1e-3)) or None, got {type(inner_optimizer).__name__}.")
 
 
-def _optax_descent(objective, params, batch, steps, optimizer):
-  """``steps`` steps of ``optimizer`` on ``objective(., batch)`` from ``params``; not differentiated."""
-  grad_fn = jax.value_and_grad(objective)
+def implicit_update(loss_fn: LossFn, phi: PyTree, support: PyTree, query: PyTree, *, lam: float,
+                    cg_steps: int, cg_tol: float = 1e-10,
+                    cg_damping: float = 0.0) -> tuple[PyTree, jax.Array]:
+  """iMAML's meta-gradient at the adapted parameters ``phi``: ``cg_steps`` CG iterations on
+  ``(I + (H + cg_damping I) / lam) u = grad L_q(phi)``, ``H`` the support loss's Hessian at ``phi``
+  (:func:`imaml` gives the math). Returns ``(u, L_q(phi))``; arguments as :func:`imaml`'s, unchecked.
+  """
+  q_loss, q_grad = jax.value_and_grad(loss_fn)(phi, query)
+  _, hvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, support), phi)
 
-  def step(carry, _):
-    p, state = carry
-    loss, grads = grad_fn(p, batch)
-    updates, state = optimizer.update(grads, state, p)
-    return (optax.apply_updates(p, updates), state), loss
+  def operator(v):
+    # (1 + mu / lam) v + H v / lam, written so that mu = 0 is the undamped operator exactly.
+    return jax.tree_util.tree_map(lambda x, hx: x + (hx + cg_damping * x) / lam, v, hvp(v))
 
-  (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
-  return params, losses
+  update, _ = jax.scipy.sparse.linalg.cg(operator, q_grad, tol=cg_tol, maxiter=cg_steps)
+  return update, q_loss
 
 
 def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_steps: int = 5,
@@ -151,7 +155,8 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
       phi, losses = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr,
                           first_order=True)
     else:
-      phi, losses = _optax_descent(regularised, theta, support, inner_steps, inner_optimizer)
+      phi, losses = adapt_with_optimizer(regularised, theta, support, steps=inner_steps,
+                                         optimizer=inner_optimizer)
     return jax.lax.stop_gradient(phi), jax.lax.stop_gradient(losses)
 
   def adapt_fn(params, support):
@@ -159,14 +164,8 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
 
   def update_fn(params, support, query):
     phi, losses = inner(params, support)
-    q_loss, q_grad = jax.value_and_grad(loss_fn)(phi, query)
-    _, hvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, support), phi)
-
-    def operator(v):
-      # (1 + mu / lam) v + H v / lam, written so that mu = 0 is the undamped operator exactly.
-      return jax.tree_util.tree_map(lambda x, hx: x + (hx + cg_damping * x) / lam, v, hvp(v))
-
-    update, _ = jax.scipy.sparse.linalg.cg(operator, q_grad, tol=cg_tol, maxiter=cg_steps)
+    update, q_loss = implicit_update(loss_fn, phi, support, query, lam=lam, cg_steps=cg_steps,
+                                     cg_tol=cg_tol, cg_damping=cg_damping)
     # losses[0] = G(theta, theta) = L_s(theta): the regulariser vanishes at the start.
     return update, TaskAux(_displacement(params, phi), losses[0], q_loss,
                            _adapted_loss(loss_fn, phi, support))
