@@ -21,8 +21,17 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 loss + lambda/2 |phi - theta|^2 with lambda = 2, 5 conjugate-gradient steps (the
                 authors' example command for Omniglot 5-way 1-shot), the CG operator damped as
                 their code damps it (cg_damping = 22; gajax.algorithms.imaml says how that maps).
-                Their code also runs the 16 inner steps unregularised and then pulls back towards
-                theta in one step, and uses Adam's eps = 1e-3; gajax does neither.
+                Their code differs further: 5w1s_imaml_authors follows it.
+  5w1s_imaml_authors  iMAML as the authors' released code trains it (imaml_dev's Omniglot example
+                command): 16 plain inner steps at 0.1 then one pull-back step, phi <- phi -
+                0.1 * 2 (phi - theta) (imaml_inner_loop = "pull_back"); the CG operator above
+                (their d = 1, lam_d = 10 is our cg_damping = 22 times 1/6, so their update is 6
+                times ours); Adam eps 1e-3 on their update, which is Adam eps 1e-3 / 6 on ours
+                exactly (Adam is scale-equivariant but for eps); their initialisation (init =
+                "imaml": Xavier uniform, gain 1.73, biases U(0, 0.05)); the 2x2x64 feature map
+                flattened into the head. They evaluate with lambda = 0: 16 plain steps, no pull-back
+                (scripts/evaluate.py --plain_adaptation). Not theirs: fresh tasks every step (they
+                sample from 200,000 pre-drawn tasks) and MAML's character split.
   5w1s_mamlpp   5-way 1-shot MAML++ (Antoniou et al., 2019) with every switch gajax has: 5 inner
                 steps at 0.1 (5 at evaluation), learned per-layer per-step rates, the multi-step
                 loss annealed over 5,000 steps (10 "epochs" of 500), first order for the first
@@ -68,6 +77,11 @@ PROTOCOLS = {
     "5w1s_imaml": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml", "inner_steps": 16,
                    "inner_lr": 0.1, "eval_inner_steps": 16, "imaml_lambda": 2.0, "cg_steps": 5,
                    "cg_damping": 22.0},
+    "5w1s_imaml_authors": {**_FIVE_WAY, "shots": 1, "queries": 1, "algorithm": "imaml",
+                           "inner_steps": 16, "inner_lr": 0.1, "eval_inner_steps": 16,
+                           "imaml_lambda": 2.0, "cg_steps": 5, "cg_damping": 22.0,
+                           "imaml_inner_loop": "pull_back", "adam_eps": 1e-3 / 6, "init": "imaml",
+                           "conv_head_input": "flatten"},
 }
 _SHARED_COPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                             "omniglot", "omniglot.tar.gz")

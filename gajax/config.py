@@ -33,8 +33,9 @@ OUTER_LR_SCHEDULES = ("constant", "cosine")
 # MAML++ switches (Antoniou et al., 2019): they apply to algorithm="maml++" only.
 MAMLPP_FIELDS = ("lslr", "multi_step_loss", "msl_anneal_steps", "first_order_steps", "bnwb")
 # iMAML's settings (Rajeswaran et al., 2019): they apply to algorithm="imaml" only.
-IMAML_FIELDS = ("imaml_lambda", "cg_steps", "cg_damping", "imaml_inner_optimizer")
+IMAML_FIELDS = ("imaml_lambda", "cg_steps", "cg_damping", "imaml_inner_optimizer", "imaml_inner_loop")
 IMAML_INNER_OPTIMIZERS = ("sgd", "adam")
+IMAML_INNER_LOOPS = ("proximal", "pull_back")  # gajax.algorithms.imaml's inner_loop
 SIGNALS = ("self", "displacement")
 OPTIMIZERS = ("adam", "sgd")
 SPLITS = ("maml", "lake")
@@ -62,6 +63,7 @@ class TrainConfig:
   inner_steps: int = 5
   inner_lr: float = 0.01
   outer_lr: float = 1e-3
+  adam_eps: float = 1e-8  # optimizer="adam" only: Adam's epsilon (optax's default)
   num_iterations: int = 10_000
   shots: int = 10
   queries: int = 10
@@ -87,6 +89,7 @@ class TrainConfig:
   cg_steps: int = 5  # imaml only: conjugate-gradient steps for the implicit meta-gradient
   cg_damping: float = 0.0  # imaml only: mu, CG solves (I + (H + mu I) / lam) u = g; 0: undamped
   imaml_inner_optimizer: str = "sgd"  # imaml only: "sgd" or "adam" at inner_lr on the inner problem
+  imaml_inner_loop: str = "proximal"  # imaml only: or "pull_back", the authors' code (imaml's docstring)
   lslr: bool = False  # maml++ only: learned per-layer per-step inner learning rates
   multi_step_loss: bool = False  # maml++ only: query losses after every inner step, annealed weights
   msl_anneal_steps: int = 0  # maml++ only: outer steps over which those weights anneal to the last
@@ -175,6 +178,14 @@ class TrainConfig:
     need(math.isfinite(self.cg_damping) and self.cg_damping >= 0,
          f"cg_damping must be a finite number >= 0; got {self.cg_damping}.")
     one_of("imaml_inner_optimizer", IMAML_INNER_OPTIMIZERS)
+    one_of("imaml_inner_loop", IMAML_INNER_LOOPS)
+    need(self.imaml_inner_loop != "pull_back" or self.inner_lr * self.imaml_lambda <= 1,
+         "imaml_inner_loop='pull_back' moves phi a fraction inner_lr * imaml_lambda back towards theta: "
+         f"it must be <= 1; got {self.inner_lr} * {self.imaml_lambda}.")
+    need(math.isfinite(self.adam_eps) and self.adam_eps > 0,
+         f"adam_eps must be a finite number > 0; got {self.adam_eps}.")
+    need(self.optimizer == "adam" or self.adam_eps == TrainConfig.adam_eps,
+         f"adam_eps applies to optimizer='adam' only; got optimizer={self.optimizer!r}.")
     one_of("outer_lr_schedule", OUTER_LR_SCHEDULES)
     defaults = TrainConfig()
     for algorithm, fields in (("maml++", MAMLPP_FIELDS), ("imaml", IMAML_FIELDS)):

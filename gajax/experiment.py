@@ -88,7 +88,7 @@ def make_learner(config: TrainConfig, loss_fn, inner_steps: int | None = None) -
                             cg_damping=config.cg_damping,
                             inner_optimizer=(optax.adam(config.inner_lr)
                                              if config.imaml_inner_optimizer == "adam" else None),
-                            **fast)
+                            inner_loop=config.imaml_inner_loop, **fast)
   return algorithms.maml(loss_fn, inner_steps=steps, inner_lr=config.inner_lr,
                          first_order=config.algorithm == "fomaml", **fast)
 
@@ -102,7 +102,8 @@ def make_tx(config: TrainConfig) -> optax.GradientTransformation:
   learning_rate = config.outer_lr
   if config.outer_lr_schedule == "cosine":  # MAML++'s CA: 1e-3 -> 1e-5 over the run
     learning_rate = optax.cosine_decay_schedule(config.outer_lr, config.num_iterations, alpha=0.01)
-  optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.optimizer](learning_rate)
+  optimizer = (optax.adam(learning_rate, eps=config.adam_eps) if config.optimizer == "adam"
+               else optax.sgd(learning_rate))
   tx = optax.chain(make_aggregator(config.aggregator, config.meta_batch_size), optimizer)
   return aggregators.skip_nonfinite_tasks(tx) if config.skip_nonfinite else tx
 

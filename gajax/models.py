@@ -12,7 +12,7 @@ from jax import lax
 from gajax.fast_ops import conv_as_patches, max_pool_as_reshape
 
 CONV_IMPLS = ("auto", "matmul", "xla")
-INITS = ("flax", "torch", "maml")
+INITS = ("flax", "torch", "maml", "imaml")
 HEAD_INPUTS = ("flatten", "mean")  # Conv4.head_input
 
 
@@ -31,6 +31,9 @@ def layer_init(init: str, fan_in: int, *, head: bool = False, conv: bool = False
     truncated normal with standard deviation 0.01 (cut at 2 standard deviations) and zero biases; for
     the convolutional model, Xavier/Glorot uniform convolutions with zero biases and a standard
     normal (std 1) output layer with zero bias.
+  - ``"imaml"``: Rajeswaran et al.'s (2019) released Omniglot code: every kernel (convolutions and
+    output layer) Xavier/Glorot uniform with gain 1.73, i.e. ``U(-b, b)`` with
+    ``b = 1.73 sqrt(6 / (fan_in + fan_out))``, and biases ``U(0, 0.05)``.
 
   Why it matters: the inner loop's step ``alpha`` is stable only while the support loss's largest
   curvature stays below ``2 / alpha``. On the sinusoid MLP (``alpha = 0.01``) Flax's init puts most
@@ -43,6 +46,8 @@ def layer_init(init: str, fan_in: int, *, head: bool = False, conv: bool = False
   if init == "torch":
     bound = 1.0 / float(fan_in) ** 0.5
     return _uniform_range(-bound, bound), _uniform_range(-bound, bound)
+  if init == "imaml":  # Glorot uniform's variance times gain^2
+    return nn.initializers.variance_scaling(1.73 ** 2, "fan_avg", "uniform"), _uniform_range(0.0, 0.05)
   if conv:
     return nn.initializers.glorot_uniform(), nn.initializers.zeros
   if head:

@@ -69,6 +69,20 @@ def test_cosine_outer_schedule_follows_its_closed_form():
   np.testing.assert_allclose(sizes, want, rtol=1e-5)
 
 
+def test_adam_eps_reaches_the_outer_optimiser():
+  """make_tx's Adam uses adam_eps: with gradients of size 1e-3, eps = 1e-3 halves the first step
+  (m / (sqrt(v) + eps) = 1e-3 / 2e-3), while optax's default eps leaves it at lr."""
+  from gajax.experiment import make_tx  # pylint: disable=import-outside-toplevel
+  params = {"w": np.zeros(1, np.float32)}
+  grads = {"w": np.full((3, 1), 1e-3, np.float32)}
+  steps = {}
+  for eps in (1e-8, 1e-3):
+    tx = make_tx(dataclasses.replace(BASE, aggregator="mean", outer_lr=0.1, adam_eps=eps).validate())
+    steps[eps] = float(tx.update(grads, tx.init(params), params)[0]["w"][0])
+  np.testing.assert_allclose(steps[1e-8], -0.1, rtol=1e-4)
+  np.testing.assert_allclose(steps[1e-3], -0.05, rtol=1e-4)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"lslr": True}, "lslr apply to algorithm='maml\\+\\+' only"),
     ({"algorithm": "maml++", "multi_step_loss": True}, "multi_step_loss needs msl_anneal_steps"),
@@ -97,19 +111,27 @@ def test_imaml_config_reaches_the_learner():
   for name, change, kwargs in [
       ("plain", {}, {}),
       ("damped", {"cg_damping": 50.0}, {"cg_damping": 50.0}),
-      ("adam", {"imaml_inner_optimizer": "adam"}, {"inner_optimizer": optax.adam(0.02)})]:
+      ("adam", {"imaml_inner_optimizer": "adam"}, {"inner_optimizer": optax.adam(0.02)}),
+      ("pull_back", {"imaml_inner_loop": "pull_back"}, {"inner_loop": "pull_back"})]:
     learner = make_learner(dataclasses.replace(config, **change).validate(), task.loss_fn)
     got[name] = flat(jax.jit(learner)(params, one(supports), one(queries)))
     want[name] = flat(jax.jit(algorithms.imaml(task.loss_fn, **direct, **kwargs))(
         params, one(supports), one(queries)))
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
-  assert not np.allclose(got["damped"], got["plain"]) and not np.allclose(got["adam"], got["plain"])
+  for name in ("damped", "adam", "pull_back"):
+    assert not np.allclose(got[name], got["plain"]), name
 
 
 @pytest.mark.parametrize("change, message", [
     ({"algorithm": "imaml", "cg_damping": -1.0}, "cg_damping must be a finite number >= 0"),
     ({"algorithm": "imaml", "imaml_inner_optimizer": "lbfgs"}, "imaml_inner_optimizer must be one of"),
     ({"cg_damping": 1.0, "cg_steps": 3}, "cg_steps, cg_damping apply to algorithm='imaml' only"),
+    ({"imaml_inner_loop": "pull_back"}, "imaml_inner_loop apply to algorithm='imaml' only"),
+    ({"algorithm": "imaml", "imaml_inner_loop": "pull_back", "inner_lr": 0.6, "imaml_lambda": 2.0},
+     "a fraction inner_lr \\* imaml_lambda back towards theta: it must be <= 1; got 0.6 \\* 2.0"),
+    ({"algorithm": "imaml", "imaml_inner_loop": "newton"}, "imaml_inner_loop must be one of"),
+    ({"adam_eps": 0.0}, "adam_eps must be a finite number > 0"),
+    ({"optimizer": "sgd", "adam_eps": 1e-3}, "adam_eps applies to optimizer='adam' only"),
 ])
 def test_imaml_settings_are_checked(change, message):
   with pytest.raises(ValueError, match=message):

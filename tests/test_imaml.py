@@ -140,6 +140,49 @@ def test_inner_optimizer_sgd_equals_default_and_momentum_reaches_the_same_gradie
     np.testing.assert_allclose(momentum.adapt(params, support)["phi"], phi_star, rtol=1e-9)
 
 
+# The authors' inner loop (inner_loop="pull_back"): K plain GD steps on L_s from theta, in closed form
+#   phi_K = a + (I - lr A)^K (theta - a),
+# then one step on the regulariser alone: phi = phi_K - lr lam (phi_K - theta). The update is the
+# damped formula at that phi: u = (I + (A + mu I) / lam)^{-1} (phi - b), a dense solve here.
+@pytest.mark.parametrize("mu", [0.0, 22.0])
+def test_pull_back_inner_loop_matches_closed_form_on_quadratic(mu):
+  lam, lr, steps, eigs = 2.0, 0.1, 7, (-0.5, 0.3, 1.0, 3.0)
+  with jax.enable_x64(True):
+    params, support, query = quad_problem(eigs, seed=4)
+    theta, a_mat, eye = params["phi"], support["A"], np.eye(len(eigs))
+    learner = imaml(quad_loss, inner_steps=steps, inner_lr=lr, lam=lam, cg_steps=len(eigs),
+                    cg_damping=mu, inner_loop="pull_back")
+    update, aux = jax.jit(learner.with_aux)(params, support, query)
+    phi_k = support["a"] + np.linalg.matrix_power(eye - lr * a_mat, steps) @ (theta - support["a"])
+    phi = phi_k - lr * lam * (phi_k - theta)
+    want = np.linalg.solve(eye + (a_mat + mu * eye) / lam, phi - query["b"])
+    np.testing.assert_allclose(update["phi"], want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(aux.displacement["phi"], theta - phi, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(learner.adapt(params, support)["phi"], phi, rtol=1e-9, atol=1e-12)
+    # Not the proximal loop's answer after the same number of steps: the test tells them apart.
+    proximal = imaml(quad_loss, inner_steps=steps, inner_lr=lr, lam=lam, cg_steps=len(eigs),
+                     cg_damping=mu)
+    assert not np.allclose(proximal.adapt(params, support)["phi"], phi, rtol=1e-3)
+
+
+def test_pull_back_with_an_inner_optimizer_pulls_back_at_inner_lr():
+  """The optimiser runs the plain steps (here SGD at 0.05 with momentum); the pull-back is one step
+  of inner_lr * lam whatever the optimiser."""
+  lam, lr = 2.0, 0.25
+  with jax.enable_x64(True):
+    params, support, query = quad_problem((0.5, 1.0, 2.0, 4.0), seed=5)
+    theta, a_mat = params["phi"], support["A"]
+    opt = optax.sgd(0.05, momentum=0.5)
+    learner = imaml(quad_loss, inner_steps=4, inner_lr=lr, lam=lam, inner_optimizer=opt,
+                    inner_loop="pull_back")
+    phi, velocity = theta.copy(), np.zeros_like(theta)
+    for _ in range(4):  # optax's momentum: v <- g + 0.5 v, phi <- phi - 0.05 v
+      velocity = a_mat @ (phi - support["a"]) + 0.5 * velocity
+      phi = phi - 0.05 * velocity
+    phi = phi - lr * lam * (phi - theta)
+    np.testing.assert_allclose(learner.adapt(params, support)["phi"], phi, rtol=1e-9, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A small MLP (sinusoid regression, 1 -> 8 -> 1, 25 parameters), float64.
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +348,14 @@ def test_rejects_bad_arguments(kwargs, name):
   settings = dict(inner_steps=3, inner_lr=0.1, lam=1.0, cg_steps=5) | kwargs
   with pytest.raises(ValueError, match=f"imaml: {name} must"):
     imaml(quad_loss, **settings)
+
+
+def test_rejects_an_unknown_inner_loop_and_a_pull_back_past_theta():
+  with pytest.raises(ValueError, match="imaml: inner_loop must be one of proximal, pull_back; got 'prox'"):
+    imaml(quad_loss, inner_steps=3, inner_lr=0.1, lam=1.0, inner_loop="prox")
+  with pytest.raises(ValueError, match="inner_lr \\* lam back towards theta, which must be <= 1; "
+                                       "got 0.4 \\* 3.0 = 1.2"):
+    imaml(quad_loss, inner_steps=3, inner_lr=0.4, lam=3.0, inner_loop="pull_back")
 
 
 def test_rejects_an_inner_optimizer_that_is_not_optax():

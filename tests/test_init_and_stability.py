@@ -60,6 +60,20 @@ def test_flax_scheme_is_lecun_normal_with_zero_biases_and_the_old_default():
     np.testing.assert_array_equal(a, b)
 
 
+def test_imaml_scheme_is_xavier_uniform_with_gain_173_and_biases_in_0_005():
+  """imaml_dev's Omniglot network: xavier_uniform_(gain=1.73) on every kernel, U(0, 0.05) biases."""
+  c = jax.jit(Conv4(num_classes=5, filters=32, init_scheme="imaml").init, compiler_options=FAST_COMPILE)(
+      jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))["params"]
+  for name, fan_in, fan_out in (("Conv_1", 9 * 32, 9 * 32), ("Dense_0", None, 5)):
+    k = np.asarray(c[name]["kernel"])
+    fan_in = fan_in or k.shape[0]
+    bound = 1.73 * np.sqrt(6 / (fan_in + fan_out))
+    assert np.all(np.abs(k) <= bound + 1e-7) and np.max(np.abs(k)) > 0.95 * bound
+    np.testing.assert_allclose(np.std(k), bound / np.sqrt(3), rtol=0.05)  # uniform's std
+    b = np.asarray(c[name]["bias"])
+    assert np.all((b >= 0) & (b <= 0.05)) and 0.015 < b.mean() < 0.035
+
+
 def test_maml_scheme_mlp_is_truncated_normal_001_and_conv4_is_xavier_with_normal_head():
   p = _wide_mlp("maml")["params"]
   for name in ("Dense_0", "Dense_1", "Dense_2"):
@@ -81,7 +95,7 @@ def test_maml_scheme_mlp_is_truncated_normal_001_and_conv4_is_xavier_with_normal
 def test_schemes_share_one_parameter_tree_and_bad_names_are_refused():
   trees = [jax.tree_util.tree_structure(_wide_mlp(s)) for s in ("flax", "torch", "maml")]
   assert trees[0] == trees[1] == trees[2]
-  with pytest.raises(ValueError, match="init must be one of flax, torch, maml; got 'xavier'"):
+  with pytest.raises(ValueError, match="init must be one of flax, torch, maml, imaml; got 'xavier'"):
     layer_init("xavier", 4)
   with pytest.raises(ValueError, match="init must be one of"):
     MLP((4, 1), init_scheme="kaiming").init(jax.random.PRNGKey(0), jnp.zeros((1, 1)))

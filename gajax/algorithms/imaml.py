@@ -27,7 +27,11 @@ def _finite_nonneg(value):
           and value >= 0)
 
 
-def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer):
+INNER_LOOPS = ("proximal", "pull_back")
+
+
+def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer,
+                 inner_loop):
   _check("imaml", inner_steps, inner_lr)
   if inner_steps < 1:
     raise ValueError(f"imaml: inner_steps must be >= 1, got {inner_steps!r}.")
@@ -43,6 +47,12 @@ def _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner
   if inner_optimizer is not None and not isinstance(inner_optimizer, optax.GradientTransformation):
     raise TypeError("imaml: inner_optimizer must be an optax.GradientTransformation (e.g. "
                     f"optax.adam(1e-3)) or None, got {type(inner_optimizer).__name__}.")
+  if inner_loop not in INNER_LOOPS:
+    raise ValueError(f"imaml: inner_loop must be one of {', '.join(INNER_LOOPS)}; got {inner_loop!r}.")
+  if (inner_loop == "pull_back" and isinstance(inner_lr, numbers.Real)
+      and not inner_lr * lam <= 1):
+    raise ValueError(f"imaml: inner_loop='pull_back' moves phi a fraction inner_lr * lam back towards "
+                     f"theta, which must be <= 1; got {inner_lr} * {lam} = {inner_lr * lam:g}.")
 
 
 def implicit_update(loss_fn: LossFn, phi: PyTree, support: PyTree, query: PyTree, *, lam: float,
@@ -66,7 +76,7 @@ def implicit_update(loss_fn: LossFn, phi: PyTree, support: PyTree, query: PyTree
 def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_steps: int = 5,
           cg_tol: float = 1e-10, cg_damping: float = 0.0,
           inner_optimizer: optax.GradientTransformation | None = None,
-          fast_ops: bool = True) -> MetaLearner:
+          inner_loop: str = "proximal", fast_ops: bool = True) -> MetaLearner:
   r"""iMAML (Rajeswaran et al., 2019, "Meta-Learning with Implicit Gradients", NeurIPS; arXiv:1909.04630).
 
   **Inner problem.** Adaptation is regularised towards the meta-parameters ``theta`` (the paper's
@@ -115,6 +125,16 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
   ``mu = (1 + d)(lam + lam_d) - lam`` (22 at ``lam = 2``), so its ``u`` is this one's times
   ``(lam + lam_d) / lam``, a constant factor that Adam's normalisation all but removes.
 
+  **The authors' inner loop** (``inner_loop="pull_back"``). The released Omniglot code (``imaml_dev``,
+  ``examples/omniglot_implicit_maml.py``) does not minimise ``G``: it runs ``inner_steps`` steps of
+  the inner optimiser on the plain support loss ``L_s`` from ``theta``, then one gradient step on
+  the regulariser alone at ``inner_lr``, ``phi <- phi - inner_lr lam (phi - theta)``: ``phi`` is
+  pulled a fraction ``inner_lr lam`` (0.2 in their Omniglot command) of the way back to ``theta``.
+  The update is then computed at that ``phi`` exactly as above (the formula no longer describes a
+  stationary point of ``G``: it is the heuristic their results were obtained with). Their
+  evaluation adapts with ``lam = 0``, i.e. plain steps and no pull-back (``scripts/evaluate.py
+  --plain_adaptation``); ``adapt`` here runs the training inner loop, pull-back included.
+
   **Shapes and memory.** The update is shaped like ``params``. Because the inner loop is not
   differentiated, memory does not grow with ``inner_steps``: it is that of one linearisation of
   ``grad L_s`` at ``phi`` plus a few parameter-sized CG vectors, whatever the number of inner steps
@@ -141,8 +161,13 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     inner_optimizer: an optax transformation that minimises ``G`` in the inner loop (its own
       learning rate; ``inner_lr`` is then unused), e.g. ``optax.adam(1e-2)``; ``None`` (the
       default): gradient descent at ``inner_lr``. Its state starts fresh for every task.
+    inner_loop: ``"proximal"`` (the paper: the inner steps minimise ``G``) or ``"pull_back"`` (the
+      authors' code: the steps minimise ``L_s``, then one step of ``inner_lr * lam`` back towards
+      ``theta``; needs ``inner_lr * lam <= 1``, and uses ``inner_lr`` for the pull-back even with an
+      ``inner_optimizer``).
   """
-  _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer)
+  _check_imaml(inner_steps, inner_lr, lam, cg_steps, cg_tol, cg_damping, inner_optimizer,
+               inner_loop)
   loss_fn = _fast(loss_fn, fast_ops)
 
   def inner(params, support):
@@ -151,12 +176,15 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     def regularised(p, batch):
       return loss_fn(p, batch) + 0.5 * lam * _sq_dist(p, theta)
 
+    objective = regularised if inner_loop == "proximal" else loss_fn
     if inner_optimizer is None:
-      phi, losses = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr,
+      phi, losses = adapt(objective, theta, support, steps=inner_steps, lr=inner_lr,
                           first_order=True)
     else:
-      phi, losses = adapt_with_optimizer(regularised, theta, support, steps=inner_steps,
+      phi, losses = adapt_with_optimizer(objective, theta, support, steps=inner_steps,
                                          optimizer=inner_optimizer)
+    if inner_loop == "pull_back":
+      phi = jax.tree_util.tree_map(lambda p, t: p - (inner_lr * lam) * (p - t), phi, theta)
     return jax.lax.stop_gradient(phi), jax.lax.stop_gradient(losses)
 
   def adapt_fn(params, support):
@@ -166,7 +194,7 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
     phi, losses = inner(params, support)
     update, q_loss = implicit_update(loss_fn, phi, support, query, lam=lam, cg_steps=cg_steps,
                                      cg_tol=cg_tol, cg_damping=cg_damping)
-    # losses[0] = G(theta, theta) = L_s(theta): the regulariser vanishes at the start.
+    # losses[0] = L_s(theta) under both inner loops (G's regulariser vanishes at the start).
     return update, TaskAux(_displacement(params, phi), losses[0], q_loss,
                            _adapted_loss(loss_fn, phi, support))
 
