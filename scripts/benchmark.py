@@ -63,6 +63,10 @@ flags.DEFINE_bool("big", False, "Also the slow Conv-4 measurements: FOMAML/Repti
                   "takes 10-60 s on a 2-core CPU).")
 flags.DEFINE_list("aggregators", None, "Aggregators for the aggregators suite (default: all "
                   "registered; with --quick: mean, gradient_agreement).")
+flags.DEFINE_list("aggregator_tasks", None, "Task counts T of the aggregators suite (default: 2,8,32,128; "
+                  "with --quick: 2,4).")
+flags.DEFINE_list("aggregator_params", None, "Parameter counts P of the aggregators suite, e.g. 1e6 "
+                  "(default: 1e4,1e6; with --quick: 1e3).")
 flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values for the peers suite. "
                   "2 matches XLA's pool on a 2-core machine; 1 is there because on a loaded machine "
                   "PyTorch's OpenMP barriers make 2 threads up to ~35x slower than 1.")
@@ -112,6 +116,10 @@ def main(argv):
     assert all(n >= 1 for n in FLAGS.torch_threads)
   except (ValueError, AssertionError):
     sys.exit(f"error: --torch_threads must be integers >= 1; got {FLAGS.torch_threads}.")
+  try:
+    aggregators.grid()
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if FLAGS.torch_device != "cpu" and not FLAGS.torch_device.startswith("cuda"):
     sys.exit(f"error: --torch_device must be cpu or cuda[:N]; got {FLAGS.torch_device!r}.")
   if FLAGS.quick:

@@ -108,6 +108,18 @@ def test_bad_suite_or_config_names_the_problem():
   assert result.returncode != 0 and "unknown --suite speed" in result.stderr
   result = run_benchmark("--suite=meta_step", "--configs=omni7w", "--quick")
   assert result.returncode != 0 and "unknown --configs omni7w" in result.stderr
+  result = run_benchmark("--suite=aggregators", "--aggregator_params=1e2", "--quick")
+  assert result.returncode != 0 and (result.stderr.strip().splitlines()[-1]
+                                     == "error: --aggregator_params: '1e2' is not a whole number >= 200.")
+
+
+def test_aggregators_suite_on_chosen_sizes(tmp_path):
+  out = tmp_path / "bench.json"
+  result = run_benchmark("--suite=aggregators", "--quick", "--aggregators=mgda",
+                         "--aggregator_tasks=3", "--aggregator_params=1e4", f"--json={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  configs = {r["config"] for r in json.loads(out.read_text())["rows"]}
+  assert configs == {f"{name} T=3 P=1e+04" for name in ("mean", "mgda", "gramian (alone)")}
 
 
 @pytest.fixture

@@ -42,6 +42,31 @@ def stacked_updates(key, num_tasks, num_params):
   return {"w": leaves[0], "b": leaves[1]}
 
 
+def _counts(flag, values, least):
+  """``--flag=1e6,32`` as ints >= ``least``, or a one-line error naming the flag."""
+  counts = []
+  for value in values:
+    try:
+      number = float(value)
+    except ValueError:
+      number = float("nan")
+    if not (number >= least and number == int(number)):
+      raise ValueError(f"--{flag}: {value!r} is not a whole number >= {least}.")
+    counts.append(int(number))
+  return tuple(counts)
+
+
+def grid():
+  """``(task counts, parameter counts)`` of the suite from the flags; ValueError names a bad flag."""
+  tasks = (2, 4) if FLAGS.quick else (2, 8, 32, 128)
+  sizes = (1_000,) if FLAGS.quick else (10_000, 1_000_000)
+  if FLAGS.aggregator_tasks:
+    tasks = _counts("aggregator_tasks", FLAGS.aggregator_tasks, least=1)
+  if FLAGS.aggregator_params:
+    sizes = _counts("aggregator_params", FLAGS.aggregator_params, least=200)
+  return tasks, sizes
+
+
 def run(rows):
   names = list(aggregators.names())
   if FLAGS.aggregators:
@@ -56,8 +81,7 @@ def run(rows):
   wanted = [n for n in wanted if n in names]
   if "mean" not in wanted:
     wanted = ["mean"] + wanted
-  tasks = (2, 4) if FLAGS.quick else (2, 8, 32, 128)
-  sizes = (1_000,) if FLAGS.quick else (10_000, 1_000_000)
+  tasks, sizes = grid()
   for num_params in sizes:
     for num_tasks in tasks:
       updates = stacked_updates(jax.random.PRNGKey(0), num_tasks, num_params)
