@@ -162,17 +162,23 @@ class ImplicitGradientReport(NamedTuple):
 
 
 def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, query: PyTree, *,
-                            inner_steps: int, inner_lr: float, lam: float) -> PyTree:
+                            inner_steps: int, inner_lr: float, lam: float,
+                            inner_loop: str = "proximal") -> PyTree:
   r"""``d/dtheta L_q(phi_k(theta))`` through the ``inner_steps`` steps of gradient descent on
   ``L_s(phi) + lam/2 |phi - theta|^2`` from ``theta`` (reverse mode through the loop, as MAML's):
   the exact gradient of what iMAML's default inner loop computes, which the implicit formula
-  approximates.
+  approximates. ``inner_loop="pull_back"``: through the authors' loop instead (the steps on
+  ``L_s`` alone, then ``phi <- phi - inner_lr lam (phi - theta)``; :func:`gajax.algorithms.imaml`).
   """
   def objective(theta):
     def regularised(p, batch):
       diff = tree_sub(p, theta)
       return loss_fn(p, batch) + 0.5 * lam * tree_vdot(diff, diff)
-    phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
+    if inner_loop == "pull_back":
+      phi, _ = adapt(loss_fn, theta, support, steps=inner_steps, lr=inner_lr)
+      phi = jax.tree_util.tree_map(lambda p, t: p - (inner_lr * lam) * (p - t), phi, theta)
+    else:
+      phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
     return loss_fn(phi, query)
 
   return jax.grad(objective)(params)
@@ -181,7 +187,7 @@ def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, qu
 def implicit_gradient_report(loss_fn: LossFn, params: PyTree, supports: PyTree, queries: PyTree,
                              key: jax.Array, *, inner_steps: int, inner_lr: float, lam: float,
                              cg_settings: Sequence[tuple[int, float]] = ((5, 0.0),),
-                             iters: int = 30) -> ImplicitGradientReport:
+                             iters: int = 30, inner_loop: str = "proximal") -> ImplicitGradientReport:
   """iMAML's update against :func:`unrolled_imaml_gradient` for every task of a meta-batch.
 
   ``supports`` / ``queries`` have a leading task axis ``[T]``; ``cg_settings`` lists
@@ -190,20 +196,23 @@ def implicit_gradient_report(loss_fn: LossFn, params: PyTree, supports: PyTree, 
   ``inner_lr`` here, the loop the unrolled gradient differentiates. A cosine near 1 says the
   implicit formula stands for the gradient of the inner loop that ran; a low or negative one with
   ``lambda_min < -lam`` points at the indefinite CG operator (damp it: ``cg_damping``).
+  ``inner_loop`` is iMAML's (``"proximal"`` or the authors' ``"pull_back"``), for both the update
+  and the unrolled gradient.
   """
   if not cg_settings:
     raise ValueError("implicit_gradient_report: cg_settings must list at least one "
                      "(cg_steps, cg_damping) pair.")
   # Convolutions and max-pools in the forms that batch well over the per-task adapted parameters.
   loss_fn = batchable(loss_fn)
-  inner_loop = imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, fast_ops=False)
+  learner = imaml(loss_fn, inner_steps=inner_steps, inner_lr=inner_lr, lam=lam, fast_ops=False,
+                  inner_loop=inner_loop)
   num_tasks = jax.tree_util.tree_leaves(supports)[0].shape[0]
 
   def one(support, query, k):
     unrolled = unrolled_imaml_gradient(loss_fn, params, support, query, inner_steps=inner_steps,
-                                       inner_lr=inner_lr, lam=lam)
+                                       inner_lr=inner_lr, lam=lam, inner_loop=inner_loop)
     norm_r = jnp.sqrt(tree_vdot(unrolled, unrolled))
-    phi = inner_loop.adapt(params, support)  # once: the CG settings share the inner loop
+    phi = learner.adapt(params, support)  # once: the CG settings share the inner loop
     cosines, ratios = [], []
     for steps, mu in cg_settings:
       update, _ = implicit_update(loss_fn, phi, support, query, lam=lam, cg_steps=steps,

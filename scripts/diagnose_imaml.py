@@ -3,7 +3,8 @@
     python scripts/diagnose_imaml.py --workdir=runs/omni_cpu_imaml_mean --step=1000
     python scripts/diagnose_imaml.py --workdir=... --cg_steps=5,50 --cg_damping=0,22 --tasks=6
 
-The run's config.json gives the task, the inner loop (inner_steps, inner_lr, imaml_lambda) and the
+The run's config.json gives the task, the inner loop (inner_steps, inner_lr, imaml_lambda,
+imaml_inner_loop) and the
 data; the checkpoint (--step, default the latest) gives the meta-parameters. For --tasks clean
 training tasks (a fixed key; a run's corruption is not applied) and every pair of --cg_steps and
 --cg_damping (default: 0 and the run's own), iMAML's update is set beside the gradient
@@ -80,7 +81,8 @@ def main(argv):
   supports, queries = exp.task.sample(k_tasks, FLAGS.tasks, exp.task.train_data)
   report = jax.jit(lambda p, s, q, k: diagnostics.implicit_gradient_report(
       exp.task.loss_fn, p, s, q, k, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-      lam=config.imaml_lambda, cg_settings=settings, iters=FLAGS.lanczos_iters))
+      lam=config.imaml_lambda, cg_settings=settings, iters=FLAGS.lanczos_iters,
+      inner_loop=config.imaml_inner_loop))
   r = jax.device_get(report(state.params, supports, queries, k_lanczos))
   low = np.asarray(r.lambda_min)
   rows = [{"cg_steps": steps, "cg_damping": mu, "cosine": np.asarray(r.cosine[i]).tolist(),
@@ -88,7 +90,8 @@ def main(argv):
           for i, (steps, mu) in enumerate(settings)]
   lam = config.imaml_lambda
   print(f"{FLAGS.workdir} at step {int(state.step)}: {config.inner_steps} inner steps at "
-        f"{config.inner_lr}, lambda = {lam:g}; {FLAGS.tasks} training tasks; support Hessian at the "
+        f"{config.inner_lr}, lambda = {lam:g}, inner loop {config.imaml_inner_loop}; {FLAGS.tasks} "
+        "training tasks; support Hessian at the "
         f"adapted parameters: lambda_min median {np.median(low):.2f} (min {np.min(low):.2f}), "
         f"lambda_max median {np.median(r.lambda_max):.2f}\n")
   print("| CG steps | damping mu | median cosine (implicit, unrolled) | min cosine | median norm ratio "

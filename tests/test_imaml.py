@@ -165,6 +165,24 @@ def test_pull_back_inner_loop_matches_closed_form_on_quadratic(mu):
     assert not np.allclose(proximal.adapt(params, support)["phi"], phi, rtol=1e-3)
 
 
+def test_unrolled_gradient_through_the_pull_back_loop_matches_closed_form():
+  """phi(theta) = (1 - c)(a + M (theta - a)) + c theta with M = (I - lr A)^K, c = lr lam: its
+  Jacobian (1 - c) M + c I is symmetric, so the gradient is ((1 - c) M + c I)(phi - b)."""
+  from gajax import diagnostics  # pylint: disable=import-outside-toplevel
+  lam, lr, steps = 2.0, 0.1, 5
+  with jax.enable_x64(True):
+    params, support, query = quad_problem((-0.5, 0.3, 1.0, 3.0), seed=6)
+    theta, a_mat, eye = params["phi"], support["A"], np.eye(4)
+    m = np.linalg.matrix_power(eye - lr * a_mat, steps)
+    c = lr * lam
+    phi = (1 - c) * (support["a"] + m @ (theta - support["a"])) + c * theta
+    want = ((1 - c) * m + c * eye) @ (phi - query["b"])
+    got = jax.jit(functools.partial(diagnostics.unrolled_imaml_gradient, quad_loss, inner_steps=steps,
+                                    inner_lr=lr, lam=lam, inner_loop="pull_back"))(
+        params, support, query)
+    np.testing.assert_allclose(got["phi"], want, rtol=1e-10, atol=1e-12)
+
+
 def test_pull_back_with_an_inner_optimizer_pulls_back_at_inner_lr():
   """The optimiser runs the plain steps (here SGD at 0.05 with momentum); the pull-back is one step
   of inner_lr * lam whatever the optimiser."""
