@@ -31,7 +31,8 @@ interval, an evaluation every 2,500 steps. Protocols (the part after the colon):
                 "imaml": Xavier uniform, gain 1.73, biases U(0, 0.05)); the 2x2x64 feature map
                 flattened into the head. They evaluate with lambda = 0: 16 plain steps, no pull-back
                 (scripts/evaluate.py --plain_adaptation). Not theirs: fresh tasks every step (they
-                sample from 200,000 pre-drawn tasks) and MAML's character split.
+                sample from 200,000 pre-drawn tasks) and MAML's character split; they average the
+                tasks' updates (--config.aggregator=mean), the config keeps gajax's default.
   5w1s_mamlpp   5-way 1-shot MAML++ (Antoniou et al., 2019) with every switch gajax has: 5 inner
                 steps at 0.1 (5 at evaluation), learned per-layer per-step rates, the multi-step
                 loss annealed over 5,000 steps (10 "epochs" of 500), first order for the first

@@ -179,9 +179,6 @@ class TrainConfig:
          f"cg_damping must be a finite number >= 0; got {self.cg_damping}.")
     one_of("imaml_inner_optimizer", IMAML_INNER_OPTIMIZERS)
     one_of("imaml_inner_loop", IMAML_INNER_LOOPS)
-    need(self.imaml_inner_loop != "pull_back" or self.inner_lr * self.imaml_lambda <= 1,
-         "imaml_inner_loop='pull_back' moves phi a fraction inner_lr * imaml_lambda back towards theta: "
-         f"it must be <= 1; got {self.inner_lr} * {self.imaml_lambda}.")
     need(math.isfinite(self.adam_eps) and self.adam_eps > 0,
          f"adam_eps must be a finite number > 0; got {self.adam_eps}.")
     need(self.optimizer == "adam" or self.adam_eps == TrainConfig.adam_eps,
@@ -215,6 +212,10 @@ class TrainConfig:
       value = getattr(self, name)
       need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0; got {value}.")
     need(self.outer_lr > 0, f"outer_lr must be > 0; got {self.outer_lr}.")
+    need(self.algorithm != "imaml" or self.imaml_inner_loop != "pull_back"
+         or self.inner_lr * self.imaml_lambda <= 1,
+         "imaml_inner_loop='pull_back' moves phi a fraction inner_lr * imaml_lambda back towards theta: "
+         f"it must be <= 1; got {self.inner_lr} * {self.imaml_lambda}.")
     return self
 
 

@@ -481,15 +481,55 @@ def test_blocked_cpu_gramian_matches_float64(monkeypatch, block):
   tree = {str(i): jnp.asarray(leaf, jnp.float32) for i, leaf in enumerate(leaves)}
   j = np.concatenate([np.asarray(leaf, np.float32).reshape(t, -1) for leaf in leaves], axis=1)
   j = j.astype(np.float64)
-  assert_close("gramian", np.asarray(jax.jit(_base.gramian)(tree)), j @ j.T)
+  # Fresh lambdas: the block size is read when a function is traced, and jax.jit(f) would reuse a
+  # trace of f made under another block size.
+  assert_close("gramian", np.asarray(jax.jit(lambda u: _base.gramian(u))(tree)), j @ j.T)
   peak = np.abs(j).max()
-  assert_close("normalized", np.asarray(jax.jit(_base.normalized_gramian)(tree)),
+  assert_close("normalized", np.asarray(jax.jit(lambda u: _base.normalized_gramian(u))(tree)),
                (j / peak) @ (j / peak).T)
   factors = jnp.asarray([2.0 ** -3, 2.0 ** 4, 1.0, 2.0 ** -10], jnp.float32)
   scaled = j * np.asarray(factors, np.float64)[:, None]
-  assert_close("scaled", np.asarray(jax.jit(_base.scaled_gramian)(tree, factors)), scaled @ scaled.T)
-  # The blocked path is the one compiled here: the CPU program has a loop.
-  assert "while" in jax.jit(_base.gramian).lower(tree).as_text()
+  assert_close("scaled", np.asarray(jax.jit(lambda u, f: _base.scaled_gramian(u, f))(tree, factors)),
+               scaled @ scaled.T)
+  weights = jnp.asarray([0.5, -2.0, 1.0, 3.0], jnp.float32)
+  combined = jax.jit(lambda u, w, f: _base.scaled_weighted_sum(u, w, f))(tree, weights, factors)
+  got = np.concatenate([np.ravel(combined[str(i)]) for i in range(len(shapes))])
+  assert_close("combination", got, np.asarray(weights, np.float64) @ scaled)
+  # The blocked path is the one compiled here: the CPU program has a loop, one per blocked leaf.
+  loops = jax.jit(lambda u: _base.gramian(u)).lower(tree).as_text().count("while")
+  assert loops >= (3 if block == 8 else 1), loops
+
+
+@pytest.mark.parametrize("block", [4, 5])
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "dualproj"])
+def test_blocked_path_keeps_tasks_40_orders_of_magnitude_apart(monkeypatch, name, block):
+  """A task of size 1e-20 beside two of 1e+20, each with its own power-of-two scale: the blocked CPU
+  path (blocks of 4: leaves of 8 and 12 columns in 2 and 3 blocks; of 5: the 12 in 2 blocks + a
+  tail) gives what the one-product path gives, finite. For MGDA both match a float64 reference
+  built for this case (below); combining with coefficients w_i / s_i instead of w_i (g_i / s_i)
+  misses it by 1% (the big tasks' coefficients underflow)."""
+  from gajax.aggregators import _base  # pylint: disable=import-outside-toplevel
+  j = np.random.default_rng(32).normal(size=(3, P)) * np.array([1e-20, 1e20, 1e20])[:, None]
+  j = np.asarray(np.asarray(j, np.float32), np.float64)
+  whole = aggregate(name, j)
+  monkeypatch.setattr(_base, "CPU_GRAMIAN_BLOCK", block)
+  tx = FACTORIES[name]()
+  params = jax.tree_util.tree_map(lambda x: x[0], to_tree(j))
+  blocked = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])(to_tree(j), tx.init(params), params)
+  got = flat(blocked)
+  assert np.all(np.isfinite(got)), got
+  assert_close(name, got, whole)
+  if name == "mgda":
+    # min |sum_i a_i g_i| over the simplex: with a_i = b_i / s_i (h_i = g_i / s_i of size ~1) the
+    # constraint is sum_i b_i / s_i = 1, where 1 / s_1 = 2^66 outweighs 1 / s_2, 1 / s_3 = 2^-67 by
+    # 2^133: so b_1 = s_1 to float64 precision and b_2, b_3 >= 0 are free, an NNLS problem (the
+    # generic face-enumeration reference above loses ~1e-4 at this conditioning).
+    s = 2.0 ** np.ceil(np.log2(np.abs(j).max(axis=1)))
+    h = j / s[:, None]
+    b, _ = scipy.optimize.nnls(h[1:].T, -s[0] * h[0])
+    want = s[0] * h[0] + b @ h[1:]
+    assert_close(name, whole, want)
+    assert_close(name, got, want)
 
 
 def test_gramian_below_two_blocks_is_one_product():

@@ -83,21 +83,35 @@ def inner_products(updates: PyTree, direction: PyTree) -> jax.Array:
   return sum(parts[1:], parts[0])
 
 
-# Columns per block of the Gramian on CPU (_leaf_gramian): a [32, 4096] float32 block is 512 KiB.
+# Columns per block of the CPU reductions below (_leaf_gramian, _leaf_combination): a [32, 4096]
+# float32 block is 512 KiB.
 CPU_GRAMIAN_BLOCK = 4096
+
+
+def _on_cpu_in_blocks(flat: jax.Array, whole, blocked):
+  """``whole(flat)`` on one product, or, on CPU when ``flat`` ``[T, p]`` spans at least two blocks
+  of :data:`CPU_GRAMIAN_BLOCK` columns, ``blocked(flat, blocks, tail)``."""
+  blocks, tail = divmod(flat.shape[1], CPU_GRAMIAN_BLOCK)
+  if blocks < 2:
+    return whole(flat)
+  return jax.lax.platform_dependent(flat, cpu=lambda f: blocked(f, blocks, tail), default=whole)
+
+
+def _column_block(flat: jax.Array, i) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(flat, i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK, axis=1)
 
 
 def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
   """``[T, T]`` float32 Gramian ``B B^T`` of ``B = prepare(flat)`` (``prepare`` acts on columns
   independently, e.g. a per-row scale; ``None``: ``B = flat``), accumulated in float32.
 
-  On CPU the contraction runs over blocks of :data:`CPU_GRAMIAN_BLOCK` columns in a ``fori_loop``,
-  each block prepared and multiplied while it is in cache: XLA:CPU runs the single
-  ``[T, p] x [p, T]`` product (a 32 x 32 result over a contraction of a million) at 7-8 GFLOP/s,
-  the blocked loop at about 28 on the same loaded 2-core machine, 3.5-4x faster (BUILD.md, "Gramian
-  aggregators"), and ``prepare`` never writes a scaled copy of the updates to memory. On other
-  platforms (GPU, TPU) it is the one product. Both sum the same terms in a different order: they
-  agree to float32 rounding.
+  On CPU, a leaf of at least two blocks of :data:`CPU_GRAMIAN_BLOCK` columns is contracted block by
+  block in a ``fori_loop``, each block prepared and multiplied while it is in cache: XLA:CPU runs the
+  single ``[T, p] x [p, T]`` product (a 32 x 32 result over a contraction of a million) at 7-8
+  GFLOP/s, the blocked loop at about 28 on the same loaded 2-core machine, 3.5-4x faster (BUILD.md,
+  "Gramian aggregators"), and ``prepare`` never writes a ``[T, p]`` copy (on this machine writing a
+  fresh 128 MB array costs about 13x ``mean``). Smaller leaves, and other platforms (GPU, TPU), take
+  the one product. Both sum the same terms in a different order: they agree to float32 rounding.
   """
   prepare = prepare or (lambda block: block)
 
@@ -105,19 +119,33 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
     block = prepare(block)
     return jnp.einsum("tp,sp->ts", block, block, preferred_element_type=jnp.float32)
 
-  t, p = flat.shape
-  blocks, tail = divmod(p, CPU_GRAMIAN_BLOCK)
-  if blocks < 2:
-    return product(flat)
-
-  def blocked(flat):
-    def body(i, acc):
-      return acc + product(jax.lax.dynamic_slice_in_dim(flat, i * CPU_GRAMIAN_BLOCK,
-                                                        CPU_GRAMIAN_BLOCK, axis=1))
-    acc = jax.lax.fori_loop(0, blocks, body, jnp.zeros((t, t), jnp.float32))
+  def blocked(flat, blocks, tail):
+    t = flat.shape[0]
+    acc = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + product(_column_block(flat, i)),
+                            jnp.zeros((t, t), jnp.float32))
     return acc + product(flat[:, blocks * CPU_GRAMIAN_BLOCK:]) if tail else acc
 
-  return jax.lax.platform_dependent(flat, cpu=blocked, default=product)
+  return _on_cpu_in_blocks(flat, product, blocked)
+
+
+def _leaf_combination(flat: jax.Array, weights: jax.Array, prepare=None) -> jax.Array:
+  """``sum_i weights[i] prepare(flat)[i]``, float32 ``[p]``, accumulated in float32; like
+  :func:`_leaf_gramian`, block by block on CPU so that ``prepare`` never writes a ``[T, p]`` copy."""
+  prepare = prepare or (lambda block: block)
+
+  def product(block):
+    return jnp.tensordot(weights, prepare(block), axes=1, preferred_element_type=jnp.float32)
+
+  def blocked(flat, blocks, tail):
+    def body(i, out):
+      return jax.lax.dynamic_update_slice_in_dim(out, product(_column_block(flat, i)),
+                                                 i * CPU_GRAMIAN_BLOCK, axis=0)
+    out = jax.lax.fori_loop(0, blocks, body, jnp.zeros((flat.shape[1],), jnp.float32))
+    if tail:
+      out = out.at[blocks * CPU_GRAMIAN_BLOCK:].set(product(flat[:, blocks * CPU_GRAMIAN_BLOCK:]))
+    return out
+
+  return _on_cpu_in_blocks(flat, product, blocked)
 
 
 def gramian(updates: PyTree) -> jax.Array:
@@ -220,11 +248,24 @@ def scale_tasks(updates: PyTree, factors: jax.Array) -> PyTree:
 
 
 def scaled_gramian(updates: PyTree, factors: jax.Array) -> jax.Array:
-  """``gramian(scale_tasks(updates, factors))`` without writing the scaled copy: each block of
+  """``gramian(scale_tasks(updates, factors))`` without writing the scaled copy on CPU: each block of
   columns is scaled as the Gramian reads it (:func:`_leaf_gramian`)."""
   parts = [_leaf_gramian(_flat(leaf), lambda block: _scale_rows(block, factors))
            for leaf in jax.tree_util.tree_leaves(updates)]
   return sum(parts[1:], parts[0])
+
+
+def scaled_weighted_sum(updates: PyTree, weights: jax.Array, factors: jax.Array) -> PyTree:
+  """``cast_like(weighted_sum(scale_tasks(updates, factors), weights), updates)`` without writing
+  the scaled copy on CPU (:func:`_leaf_combination`). Not ``weighted_sum(updates, weights *
+  factors)``: with tasks 2^127 apart in size that coefficient overflows (UPGrad) or underflows (MGDA),
+  where ``weights[i] * (factors[i] g_i)`` keeps every factor in range."""
+  weights = weights.astype(jnp.float32)
+  return jax.tree_util.tree_map(
+      lambda leaf: jnp.reshape(_leaf_combination(_flat(leaf), weights,
+                                                 lambda block: _scale_rows(block, factors)),
+                               leaf.shape[1:]).astype(leaf.dtype),
+      updates)
 
 
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
@@ -286,9 +327,7 @@ def from_scaled_gramian_weighting(weighting) -> optax.GradientTransformationExtr
     top = jnp.max(jnp.where(peaks > 0, scales, 0.0))
     scales = jnp.where(peaks > 0, scales, jnp.where(top > 0, top, 1.0))
     weights = weighting(scaled_gramian(updates, 1.0 / scales), scales, task_mask)
-    # sum_i w_i (g_i / s_i) as sum_i (w_i / s_i) g_i: the s_i are powers of two, so both are the
-    # same numbers (short of subnormals), and no scaled copy of the updates is written.
-    return cast_like(weighted_sum(updates, weights / scales), updates), state
+    return scaled_weighted_sum(updates, weights, 1.0 / scales), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 

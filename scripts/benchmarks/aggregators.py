@@ -9,6 +9,7 @@ A ``gramian (alone)`` row times the float32 ``[T, T]`` Gramian by itself, with i
 """
 
 import functools
+import math
 
 import jax
 
@@ -50,7 +51,7 @@ def _counts(flag, values, least):
       number = float(value)
     except ValueError:
       number = float("nan")
-    if not (number >= least and number == int(number)):
+    if not (math.isfinite(number) and number >= least and number == int(number)):
       raise ValueError(f"--{flag}: {value!r} is not a whole number >= {least}.")
     counts.append(int(number))
   return tuple(counts)
