@@ -495,6 +495,12 @@ def test_blocked_cpu_gramian_matches_float64(monkeypatch, block):
   combined = jax.jit(lambda u, w, f: _base.scaled_weighted_sum(u, w, f))(tree, weights, factors)
   got = np.concatenate([np.ravel(combined[str(i)]) for i in range(len(shapes))])
   assert_close("combination", got, np.asarray(weights, np.float64) @ scaled)
+  direction = {str(i): jnp.asarray(rng.normal(size=shape), jnp.float32) for i, shape in enumerate(shapes)}
+  d = np.concatenate([np.ravel(np.asarray(direction[str(i)], np.float64)) for i in range(len(shapes))])
+  dots = jax.jit(lambda u, v, f: _base.scaled_inner_products(u, v, f))(tree, direction, factors)
+  assert_close("dots", np.asarray(dots), scaled @ d)
+  norms = jax.jit(lambda u, f: _base.scaled_sq_norms(u, f))(tree, factors)
+  assert_close("norms", np.asarray(norms), np.sum(scaled ** 2, axis=1))
   # The blocked path is the one compiled here: the CPU program has a loop, one per blocked leaf.
   loops = jax.jit(lambda u: _base.gramian(u)).lower(tree).as_text().count("while")
   assert loops >= (3 if block == 8 else 1), loops

@@ -255,6 +255,43 @@ def scaled_gramian(updates: PyTree, factors: jax.Array) -> jax.Array:
   return sum(parts[1:], parts[0])
 
 
+def _leaf_row_sums(flat: jax.Array, row_sums, vector: jax.Array | None = None) -> jax.Array:
+  """``row_sums(flat, vector)`` (``[T, p], [p] -> [T]``, a sum over columns), on CPU block by block
+  over columns with the matching slice of ``vector``, so that nothing ``[T, p]``-sized is written."""
+  vector = jnp.zeros((flat.shape[1],), jnp.float32) if vector is None else vector
+
+  def blocked(flat, blocks, tail):
+    def body(i, acc):
+      part = jax.lax.dynamic_slice_in_dim(vector, i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK)
+      return acc + row_sums(_column_block(flat, i), part)
+    acc = jax.lax.fori_loop(0, blocks, body, jnp.zeros((flat.shape[0],), jnp.float32))
+    start = blocks * CPU_GRAMIAN_BLOCK
+    return acc + row_sums(flat[:, start:], vector[start:]) if tail else acc
+
+  return _on_cpu_in_blocks(flat, lambda f: row_sums(f, vector), blocked)
+
+
+def scaled_inner_products(updates: PyTree, direction: PyTree, factors: jax.Array) -> jax.Array:
+  """``inner_products(scale_tasks(updates, factors), direction)`` without writing the scaled copy on
+  CPU: each block of columns is scaled as it is read. Float32 ``[T]``."""
+  def dots(block, d):
+    return jnp.einsum("tp,p->t", _scale_rows(block, factors), d, preferred_element_type=jnp.float32)
+
+  parts = [_leaf_row_sums(_flat(g), dots, jnp.ravel(d))
+           for g, d in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(direction))]
+  return sum(parts[1:], parts[0])
+
+
+def scaled_sq_norms(updates: PyTree, factors: jax.Array) -> jax.Array:
+  """``|factors[i] g_i|^2`` over the whole pytree, float32 ``[T]``, block by block on CPU (as one
+  fused reduction XLA wrote the broadcast factors out as a ``[T, p]`` array)."""
+  def sq_norms(block, _):
+    return jnp.sum(jnp.square(_scale_rows(block, factors).astype(jnp.float32)), axis=1)
+
+  parts = [_leaf_row_sums(_flat(leaf), sq_norms) for leaf in jax.tree_util.tree_leaves(updates)]
+  return sum(parts[1:], parts[0])
+
+
 def scaled_weighted_sum(updates: PyTree, weights: jax.Array, factors: jax.Array) -> PyTree:
   """``cast_like(weighted_sum(scale_tasks(updates, factors), weights), updates)`` without writing
   the scaled copy on CPU (:func:`_leaf_combination`). Not ``weighted_sum(updates, weights *

@@ -108,7 +108,10 @@ def cosine_agreement_weights(task_updates: PyTree) -> jax.Array:
   # 1 / peak) keeps every product exact, so updates that cancel exactly (g, -g) give G = 0 exactly
   # rather than a rounding residue whose direction the cosines would then report at full size.
   # power_of_two_scale maps a zero or non-finite peak to 1 (zeros stay zero, NaN propagates).
-  inv_scale = 1.0 / _base.power_of_two_scale(_base.max_abs(task_updates))
+  # The largest entry overall is the largest of the tasks' (needed below): one pass over the input
+  # for both (two reductions of |g| made XLA write |g| out, a [T, P] copy).
+  task_peaks = _base.task_max_abs(task_updates)
+  inv_scale = 1.0 / _base.power_of_two_scale(jnp.max(task_peaks))
   total = _base.task_sum(task_updates, inv_scale)
   # After cancellation G can still be tiny and its squared norm underflow: rescale it once more (the
   # cosine does not depend on the size of G).
@@ -117,12 +120,10 @@ def cosine_agreement_weights(task_updates: PyTree) -> jax.Array:
   total_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(total)))
   # Per-task powers of two: every rescaled task has its largest entry in [0.5, 1), so a small task
   # keeps its direction next to a huge one (one global scale would flush it to zero).
-  task_peaks = _base.task_max_abs(task_updates)
-  scaled = _base.scale_tasks(task_updates, 1.0 / _base.power_of_two_scale(task_peaks))
-  task_norms = jnp.sqrt(sum(
-      jnp.sum(jnp.square(jnp.reshape(leaf, (t, -1)).astype(jnp.float32)), axis=1)
-      for leaf in jax.tree_util.tree_leaves(scaled)))
-  dots = _base.inner_products(scaled, total)
+  # (Scaled as they are read: writing a scaled [T, P] copy costs more than the rest, BUILD.md.)
+  factors = 1.0 / _base.power_of_two_scale(task_peaks)
+  task_norms = jnp.sqrt(_base.scaled_sq_norms(task_updates, factors))
+  dots = _base.scaled_inner_products(task_updates, total, factors)
   norms = task_norms * total_norm
   cosines = jnp.where(norms > 0, dots / jnp.where(norms > 0, norms, 1.0), 0.0)
   denom = jnp.sum(jnp.abs(cosines))
