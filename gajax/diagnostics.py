@@ -20,10 +20,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-from optax.tree_utils import tree_sub, tree_vdot
+from optax.tree_utils import tree_vdot
 
 from gajax.adaptation import adapt
-from gajax.algorithms.imaml import imaml, implicit_update
+from gajax.algorithms.imaml import imaml, implicit_update, inner_loop_solution
 from gajax.fast_ops import batchable
 
 PyTree = Any
@@ -171,14 +171,9 @@ def unrolled_imaml_gradient(loss_fn: LossFn, params: PyTree, support: PyTree, qu
   ``L_s`` alone, then ``phi <- phi - inner_lr lam (phi - theta)``; :func:`gajax.algorithms.imaml`).
   """
   def objective(theta):
-    def regularised(p, batch):
-      diff = tree_sub(p, theta)
-      return loss_fn(p, batch) + 0.5 * lam * tree_vdot(diff, diff)
-    if inner_loop == "pull_back":
-      phi, _ = adapt(loss_fn, theta, support, steps=inner_steps, lr=inner_lr)
-      phi = jax.tree_util.tree_map(lambda p, t: p - (inner_lr * lam) * (p - t), phi, theta)
-    else:
-      phi, _ = adapt(regularised, theta, support, steps=inner_steps, lr=inner_lr)
+    phi, _ = inner_loop_solution(loss_fn, theta, support, inner_steps=inner_steps,
+                                 inner_lr=inner_lr, lam=lam, inner_loop=inner_loop,
+                                 first_order=False)
     return loss_fn(phi, query)
 
   return jax.grad(objective)(params)

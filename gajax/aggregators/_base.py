@@ -128,11 +128,9 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
   return _on_cpu_in_blocks(flat, product, blocked)
 
 
-def _leaf_combination(flat: jax.Array, weights: jax.Array, prepare=None) -> jax.Array:
+def _leaf_combination(flat: jax.Array, weights: jax.Array, prepare) -> jax.Array:
   """``sum_i weights[i] prepare(flat)[i]``, float32 ``[p]``, accumulated in float32; like
   :func:`_leaf_gramian`, block by block on CPU so that ``prepare`` never writes a ``[T, p]`` copy."""
-  prepare = prepare or (lambda block: block)
-
   def product(block):
     return jnp.tensordot(weights, prepare(block), axes=1, preferred_element_type=jnp.float32)
 
@@ -148,10 +146,14 @@ def _leaf_combination(flat: jax.Array, weights: jax.Array, prepare=None) -> jax.
   return _on_cpu_in_blocks(flat, product, blocked)
 
 
+def _gramian(updates: PyTree, prepare=None) -> jax.Array:
+  parts = [_leaf_gramian(_flat(leaf), prepare) for leaf in jax.tree_util.tree_leaves(updates)]
+  return sum(parts[1:], parts[0])
+
+
 def gramian(updates: PyTree) -> jax.Array:
   """The ``[T, T]`` Gramian ``sum over leaves of g g^T``, accumulated in float32."""
-  parts = [_leaf_gramian(_flat(leaf)) for leaf in jax.tree_util.tree_leaves(updates)]
-  return sum(parts[1:], parts[0])
+  return _gramian(updates)
 
 
 def weighted_sum(updates: PyTree, weights: jax.Array) -> PyTree:
@@ -205,9 +207,7 @@ def normalized_gramian(updates: PyTree) -> jax.Array:
   """
   peak = max_abs(updates)
   peak = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
-  parts = [_leaf_gramian(_flat(leaf), lambda block: block.astype(jnp.float32) / peak)
-           for leaf in jax.tree_util.tree_leaves(updates)]
-  return sum(parts[1:], parts[0])
+  return _gramian(updates, lambda block: block.astype(jnp.float32) / peak)
 
 
 def power_of_two_scale(peak: jax.Array) -> jax.Array:
@@ -250,23 +250,21 @@ def scale_tasks(updates: PyTree, factors: jax.Array) -> PyTree:
 def scaled_gramian(updates: PyTree, factors: jax.Array) -> jax.Array:
   """``gramian(scale_tasks(updates, factors))`` without writing the scaled copy on CPU: each block of
   columns is scaled as the Gramian reads it (:func:`_leaf_gramian`)."""
-  parts = [_leaf_gramian(_flat(leaf), lambda block: _scale_rows(block, factors))
-           for leaf in jax.tree_util.tree_leaves(updates)]
-  return sum(parts[1:], parts[0])
+  return _gramian(updates, lambda block: _scale_rows(block, factors))
 
 
 def _leaf_row_sums(flat: jax.Array, row_sums, vector: jax.Array | None = None) -> jax.Array:
-  """``row_sums(flat, vector)`` (``[T, p], [p] -> [T]``, a sum over columns), on CPU block by block
-  over columns with the matching slice of ``vector``, so that nothing ``[T, p]``-sized is written."""
-  vector = jnp.zeros((flat.shape[1],), jnp.float32) if vector is None else vector
+  """``row_sums(flat, vector)`` (``[T, p], [p] or None -> [T]``, a sum over columns), on CPU block by
+  block over columns with the matching slice of ``vector``, so that nothing ``[T, p]``-sized is written."""
+  def part(start, size):  # the slice of vector matching columns [start, start + size)
+    return None if vector is None else jax.lax.dynamic_slice_in_dim(vector, start, size)
 
   def blocked(flat, blocks, tail):
     def body(i, acc):
-      part = jax.lax.dynamic_slice_in_dim(vector, i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK)
-      return acc + row_sums(_column_block(flat, i), part)
+      return acc + row_sums(_column_block(flat, i), part(i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK))
     acc = jax.lax.fori_loop(0, blocks, body, jnp.zeros((flat.shape[0],), jnp.float32))
     start = blocks * CPU_GRAMIAN_BLOCK
-    return acc + row_sums(flat[:, start:], vector[start:]) if tail else acc
+    return acc + row_sums(flat[:, start:], part(start, tail)) if tail else acc
 
   return _on_cpu_in_blocks(flat, lambda f: row_sums(f, vector), blocked)
 

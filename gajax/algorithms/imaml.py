@@ -73,6 +73,30 @@ def implicit_update(loss_fn: LossFn, phi: PyTree, support: PyTree, query: PyTree
   return update, q_loss
 
 
+def inner_loop_solution(loss_fn: LossFn, theta: PyTree, support: PyTree, *, inner_steps: int,
+                        inner_lr: float, lam: float, inner_loop: str = "proximal",
+                        inner_optimizer: optax.GradientTransformation | None = None,
+                        first_order: bool = True) -> tuple[PyTree, jax.Array]:
+  """iMAML's inner loop from ``theta`` (:func:`imaml` gives both ``inner_loop`` variants): returns
+  ``(phi, losses)``, ``losses[s]`` the objective at step ``s`` (``losses[0] = L_s(theta)``). With
+  ``first_order=False`` (and no ``inner_optimizer``) it is differentiable in ``theta`` through every
+  step, as :func:`gajax.diagnostics.unrolled_imaml_gradient` needs; arguments unchecked.
+  """
+  def regularised(p, batch):
+    return loss_fn(p, batch) + 0.5 * lam * _sq_dist(p, theta)
+
+  objective = regularised if inner_loop == "proximal" else loss_fn
+  if inner_optimizer is None:
+    phi, losses = adapt(objective, theta, support, steps=inner_steps, lr=inner_lr,
+                        first_order=first_order)
+  else:
+    phi, losses = adapt_with_optimizer(objective, theta, support, steps=inner_steps,
+                                       optimizer=inner_optimizer)
+  if inner_loop == "pull_back":
+    phi = jax.tree_util.tree_map(lambda p, t: p - (inner_lr * lam) * (p - t), phi, theta)
+  return phi, losses
+
+
 def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_steps: int = 5,
           cg_tol: float = 1e-10, cg_damping: float = 0.0,
           inner_optimizer: optax.GradientTransformation | None = None,
@@ -171,20 +195,9 @@ def imaml(loss_fn: LossFn, *, inner_steps: int, inner_lr: float, lam: float, cg_
   loss_fn = _fast(loss_fn, fast_ops)
 
   def inner(params, support):
-    theta = jax.lax.stop_gradient(params)
-
-    def regularised(p, batch):
-      return loss_fn(p, batch) + 0.5 * lam * _sq_dist(p, theta)
-
-    objective = regularised if inner_loop == "proximal" else loss_fn
-    if inner_optimizer is None:
-      phi, losses = adapt(objective, theta, support, steps=inner_steps, lr=inner_lr,
-                          first_order=True)
-    else:
-      phi, losses = adapt_with_optimizer(objective, theta, support, steps=inner_steps,
-                                         optimizer=inner_optimizer)
-    if inner_loop == "pull_back":
-      phi = jax.tree_util.tree_map(lambda p, t: p - (inner_lr * lam) * (p - t), phi, theta)
+    phi, losses = inner_loop_solution(loss_fn, jax.lax.stop_gradient(params), support,
+                                      inner_steps=inner_steps, inner_lr=inner_lr, lam=lam,
+                                      inner_loop=inner_loop, inner_optimizer=inner_optimizer)
     return jax.lax.stop_gradient(phi), jax.lax.stop_gradient(losses)
 
   def adapt_fn(params, support):
