@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gajax.aggregators import _base
+from gajax.aggregators import _base, _rows
 
 
 def _required_agreement(num_tasks: int, threshold: float) -> int:
@@ -26,7 +26,7 @@ def and_mask_keep(leaf: jax.Array, threshold: float) -> jax.Array:
   with ``sign(0) = 0``: a task with a zero component counts as agreeing with neither sign.
   """
   t = leaf.shape[0]
-  votes = jnp.abs(jnp.sum(jnp.sign(leaf).astype(jnp.int32), axis=0))
+  votes = jnp.abs(_rows.reduce_rows(leaf, jnp.add, lambda r: jnp.sign(r).astype(jnp.int32)))
   return votes >= _required_agreement(t, threshold)
 
 
@@ -57,7 +57,7 @@ def and_mask(threshold: float = 1.0) -> optax.GradientTransformationExtraArgs:
     t = _base.num_tasks(updates)
 
     def one(leaf):
-      mean = jnp.sum(leaf.astype(jnp.float32), axis=0) / t
+      mean = _rows.sum_rows(leaf) / t
       return jnp.where(and_mask_keep(leaf, threshold), mean, 0.0).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(one, updates), state

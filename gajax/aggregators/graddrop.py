@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gajax.aggregators import _base
+from gajax.aggregators import _base, _rows
 
 PyTree = Any
 
@@ -31,11 +31,10 @@ def graddrop_purity(leaf: jax.Array) -> jax.Array:
   components are zero, ``P = 0.5``. ``P`` is scale invariant per coordinate, so each coordinate is
   divided by its largest ``|g_i|`` first (no float32 overflow at 1e+30 or underflow at 1e-30).
   """
-  g = leaf.astype(jnp.float32)
-  peak = jnp.max(jnp.abs(g), axis=0)
-  g = g / jnp.where(peak > 0, peak, 1.0)
-  total = jnp.sum(g, axis=0)
-  mass = jnp.sum(jnp.abs(g), axis=0)
+  peak = _rows.max_rows(leaf, lambda r: jnp.abs(r).astype(jnp.float32))
+  peak = jnp.where(peak > 0, peak, 1.0)
+  total = _rows.sum_rows(leaf, lambda r: r.astype(jnp.float32) / peak)
+  mass = _rows.sum_rows(leaf, lambda r: jnp.abs(r).astype(jnp.float32) / peak)
   return jnp.where(mass > 0, 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0)), 0.5)
 
 
@@ -55,9 +54,13 @@ def graddrop_combine(leaf: jax.Array, uniform: jax.Array, leak: float = 0.0) -> 
   ``M`` is :func:`graddrop_mask` of :func:`graddrop_purity`; ``l`` is the leak. Shapes: ``[T, *s]`` and
   ``[*s]`` -> ``[*s]`` in the leaf's dtype, accumulated in float32.
   """
-  mask = graddrop_mask(leaf, graddrop_purity(leaf), uniform).astype(jnp.float32)
-  scale = leak + (1.0 - leak) * mask
-  return jnp.sum(scale * leaf.astype(jnp.float32), axis=0).astype(leaf.dtype)
+  purity = graddrop_purity(leaf)
+
+  def kept(row):  # row i's term (l + (1 - l) M_i) g_i; the same mask as graddrop_mask, row by row
+    scale = leak + (1.0 - leak) * graddrop_mask(row, purity, uniform).astype(jnp.float32)
+    return scale * row.astype(jnp.float32)
+
+  return _rows.sum_rows(leaf, kept).astype(leaf.dtype)
 
 
 def graddrop_uniforms(key: jax.Array, updates: PyTree) -> PyTree:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from gajax.aggregators import _base
+from gajax.aggregators import _base, _rows
 
 
 def trimmed_mean_leaf(leaf: jax.Array, trim: int) -> jax.Array:
@@ -15,11 +17,14 @@ def trimmed_mean_leaf(leaf: jax.Array, trim: int) -> jax.Array:
   .. math:: A_p = \frac{1}{T - 2b} \sum_{r = b + 1}^{T - b} g_{(r), p},
 
   where ``g_{(1),p} <= ... <= g_{(T),p}`` are coordinate ``p``'s values sorted over tasks and ``b`` is
-  ``trim``. Needs ``T > 2b``.
+  ``trim``. Needs ``T > 2b``. Sorted as ``jnp.sort`` would (NaNs last, so up to ``b`` NaN tasks per
+  coordinate are cut like any outlier), with a sorting network for ``T <= 32``: ``jnp.sort`` over the
+  task axis took 5.3 s at ``T = 32, P = 1e6`` on XLA:CPU (:mod:`gajax.aggregators._rows`).
   """
   t = leaf.shape[0]
-  kept = jnp.sort(leaf, axis=0)[trim:t - trim]
-  return (jnp.sum(kept.astype(jnp.float32), axis=0) / (t - 2 * trim)).astype(leaf.dtype)
+  kept = _rows.sorted_rows(leaf)[trim:t - trim]
+  total = functools.reduce(jnp.add, [row.astype(jnp.float32) for row in kept])
+  return (total / (t - 2 * trim)).astype(leaf.dtype)
 
 
 def trimmed_mean(trim: int) -> optax.GradientTransformationExtraArgs:

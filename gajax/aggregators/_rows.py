@@ -1,0 +1,122 @@
+"""Coordinate-wise reductions over the task axis, written as elementwise operations on task rows.
+
+XLA's CPU backend runs a reduction over the *leading* axis of a ``[T, P]`` array (``jnp.sum(x,
+axis=0)``, ``jnp.max(x, axis=0)``, ``jnp.sort(x, axis=0)``) far below memory speed: at ``T = 32,
+P = 1e6`` on the project's 2-core machine ``jnp.sum(x, axis=0)`` took 455 ms where the chain
+``x[0] + x[1] + ... + x[T-1]`` took 7 ms, and ``jnp.sort(x, axis=0)`` took 5.3 s (BUILD.md,
+"Elementwise aggregators"). A chain of elementwise operations on rows fuses into one loop that reads
+each row once, on every backend, so the coordinate-wise aggregators (trimmed mean, GradDrop, AND-mask)
+reduce with the functions here.
+
+Every function takes a leaf ``[T, *s]`` (or a list of ``T`` rows ``[*s]``) and returns ``[*s]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Above this many rows, :func:`reduce_rows` first halves the leaf (``op(x[:h], x[h:2h])``) so that the
+# unrolled chain, and hence compile time, stays short.
+MAX_CHAIN = 64
+
+# Up to this many tasks :func:`sorted_rows` uses the sorting network, which XLA:CPU fuses into one loop
+# (T = 32: 191 comparators, 1.4 s to compile, no temporary buffer); beyond it, ``jnp.sort``. At T = 64
+# (543 comparators) XLA:CPU took 28 s to compile the network, wrote 416 MB of temporaries and ran it no
+# faster than the sort (BUILD.md, "Elementwise aggregators").
+MAX_NETWORK_TASKS = 32
+
+
+def reduce_rows(leaf: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array],
+                row_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """``op(f(x_0), op(f(x_1), ...))`` over the leading axis: ``[T, *s] -> [*s]``.
+
+  ``op`` is associative and commutative (``jnp.add``, ``jnp.maximum``); ``row_fn`` (``f``, default the
+  identity) maps each row elementwise first, e.g. a cast to float32 or ``jnp.abs``, and fuses with it.
+  """
+  f = (lambda r: r) if row_fn is None else row_fn
+  x = leaf
+  if x.shape[0] > MAX_CHAIN:
+    x = f(x)
+    f = lambda r: r
+    while x.shape[0] > MAX_CHAIN:
+      half = x.shape[0] // 2
+      folded = op(x[:half], x[half:2 * half])
+      x = jnp.concatenate([folded, x[2 * half:]]) if x.shape[0] % 2 else folded
+  return functools.reduce(op, [f(x[i]) for i in range(x.shape[0])])
+
+
+def sum_rows(leaf: jax.Array, row_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """``sum_i f(x_i)`` in float32 (each row is cast before it is added): ``[T, *s] -> [*s]``."""
+  cast = lambda r: (r if row_fn is None else row_fn(r)).astype(jnp.float32)
+  return reduce_rows(leaf, jnp.add, cast)
+
+
+def max_rows(leaf: jax.Array, row_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """``max_i f(x_i)`` coordinate-wise, in the rows' dtype: ``[T, *s] -> [*s]``."""
+  return reduce_rows(leaf, jnp.maximum, row_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def odd_even_merge_sort_pairs(n: int) -> tuple[tuple[int, int], ...]:
+  """The comparators ``(i, j)``, ``i < j``, of Batcher's odd-even merge sort on ``n`` wires.
+
+  Applying them in order, each as ``(x_i, x_j) <- (min, max)``, sorts any ``n`` values ascending
+  (Batcher, "Sorting networks and their applications", AFIPS 1968; Knuth, TAOCP vol. 3, 5.3.4). For
+  ``n`` not a power of two the network for the next power of two is used without the comparators that
+  touch a wire ``>= n``: those wires would hold ``+inf``, which such a comparator never moves, so the
+  rest still sorts. ``n = 32``: 191 comparators, ``n = 128``: 1,471.
+  """
+  if n < 1:
+    raise ValueError(f"odd_even_merge_sort_pairs: n must be >= 1, got {n}.")
+  size = 1
+  while size < n:
+    size *= 2
+  pairs = []
+  p = 1
+  while p < size:            # merge sorted runs of length p into runs of length 2p
+    k = p
+    while k >= 1:            # compare elements k apart
+      for j in range(k % p, size - k, 2 * k):
+        for i in range(min(k, size - j - k)):
+          a, b = i + j, i + j + k
+          if a // (2 * p) == b // (2 * p) and b < n:
+            pairs.append((a, b))
+      k //= 2
+    p *= 2
+  return tuple(pairs)
+
+
+def sort_row_list(rows: Sequence[jax.Array]) -> list[jax.Array]:
+  """Sorts ``T`` same-shape rows coordinate-wise, ascending, with :func:`odd_even_merge_sort_pairs`.
+
+  Only ``jnp.minimum`` / ``jnp.maximum``, so the result is exact (every output is one of the inputs)
+  and the whole network fuses into one elementwise loop. NaNs propagate through ``min``/``max``, so
+  callers replace them first (see :func:`sorted_rows`).
+  """
+  rows = list(rows)
+  for a, b in odd_even_merge_sort_pairs(len(rows)):
+    rows[a], rows[b] = jnp.minimum(rows[a], rows[b]), jnp.maximum(rows[a], rows[b])
+  return rows
+
+
+def sorted_rows(leaf: jax.Array) -> list[jax.Array]:
+  """The ``T`` rows of ``jnp.sort(leaf, axis=0)``, NaNs last: ``[T, *s] -> T x [*s]``.
+
+  Up to :data:`MAX_NETWORK_TASKS` rows through the sorting network (NaNs are sorted as ``+inf`` and put
+  back in the top ``n_nan`` positions, which is where ``jnp.sort`` places them); beyond it,
+  ``jnp.sort``.
+  """
+  t = leaf.shape[0]
+  if t > MAX_NETWORK_TASKS:
+    ordered = jnp.sort(leaf, axis=0)
+    return [ordered[i] for i in range(t)]
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    return sort_row_list([leaf[i] for i in range(t)])
+  nans = [jnp.isnan(leaf[i]) for i in range(t)]
+  rows = sort_row_list([jnp.where(nans[i], jnp.inf, leaf[i]) for i in range(t)])
+  n_nan = functools.reduce(jnp.add, [m.astype(jnp.int32) for m in nans])
+  return [jnp.where(n_nan > t - 1 - i, jnp.nan, rows[i]).astype(leaf.dtype) for i in range(t)]
