@@ -295,6 +295,27 @@ def test_graddrop_combine_matches_numpy_given_uniforms():
   assert not np.any((mask & (g > 0)).any(0) & (mask & (g < 0)).any(0))
 
 
+@pytest.mark.parametrize("t", [40, 70])
+def test_graddrop_and_and_mask_with_many_tasks_match_numpy(t):
+  # 40 tasks: the row chain; 70: folded in halves first (the row functions see the whole leaf).
+  rng = np.random.default_rng(t)
+  g = rng.normal(size=(t, 64))
+  g[:, :8] = np.abs(g[:, :8])
+  g[:, 8:16] *= 1e-30  # tiny but normal in float32
+  u = rng.uniform(size=64)
+  ref, purity = np_graddrop(g, u, 0.25)
+  gj = jnp.asarray(g, jnp.float32)
+  out = jax.jit(graddrop_combine, static_argnums=2)(gj, jnp.asarray(u, jnp.float32), 0.25)
+  scale = np.abs(g).max(0)  # compare per column at its own size
+  np.testing.assert_allclose(np.asarray(out) / scale, ref / scale, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.jit(graddrop_purity)(gj)), purity, atol=1e-6)
+  g[:, 16:24] = -np.abs(g[:, 16:24])
+  g[:3, 24:32] = 0.0
+  for threshold in (0.0, 0.1, 1.0):
+    out = and_mask(threshold).update({"w": jnp.asarray(g, jnp.float32)}, None)[0]["w"]
+    np.testing.assert_allclose(np.asarray(out), np_and_mask(g, threshold), rtol=1e-5, atol=1e-6)
+
+
 def test_graddrop_transform_uses_split_key_and_per_leaf_draws():
   tx, update = jitted_update("graddrop", 1, 0.0)
   state = tx.init(None)

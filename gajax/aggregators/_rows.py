@@ -32,10 +32,14 @@ MAX_NETWORK_TASKS = 32
 
 def reduce_rows(leaf: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array],
                 row_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-  """``op(f(x_0), op(f(x_1), ...))`` over the leading axis: ``[T, *s] -> [*s]``.
+  """``op`` over ``f(x_0), ..., f(x_{T-1})``, coordinate-wise: ``[T, *s] -> [*s]``.
 
-  ``op`` is associative and commutative (``jnp.add``, ``jnp.maximum``); ``row_fn`` (``f``, default the
-  identity) maps each row elementwise first, e.g. a cast to float32 or ``jnp.abs``, and fuses with it.
+  ``op`` is associative and commutative (``jnp.add``, ``jnp.maximum``), applied as a left fold
+  ``op(op(f(x_0), f(x_1)), f(x_2))...``; above :data:`MAX_CHAIN` rows the leaf is first folded in halves
+  (row ``i`` with row ``i + h``), so sums are grouped differently (float rounding only). ``row_fn``
+  (``f``, default the identity) maps rows elementwise first, e.g. a cast to float32 or ``jnp.abs``, and
+  fuses with the fold. It must be elementwise and broadcast: above :data:`MAX_CHAIN` rows it is applied
+  to the whole ``[T, *s]`` leaf at once.
   """
   f = (lambda r: r) if row_fn is None else row_fn
   x = leaf
@@ -103,19 +107,23 @@ def sort_row_list(rows: Sequence[jax.Array]) -> list[jax.Array]:
   return rows
 
 
+# Dtypes the network sorts: real floats with an infinity to stand in for NaN (not float8_e4m3fn).
+NETWORK_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
 def sorted_rows(leaf: jax.Array) -> list[jax.Array]:
   """The ``T`` rows of ``jnp.sort(leaf, axis=0)``, NaNs last: ``[T, *s] -> T x [*s]``.
 
-  Up to :data:`MAX_NETWORK_TASKS` rows through the sorting network (NaNs are sorted as ``+inf`` and put
-  back in the top ``n_nan`` positions, which is where ``jnp.sort`` places them); beyond it,
-  ``jnp.sort``.
+  Up to :data:`MAX_NETWORK_TASKS` rows of a float in :data:`NETWORK_DTYPES` go through the sorting
+  network (NaNs are sorted as ``+inf`` and put back in the top ``n_nan`` positions, which is where
+  ``jnp.sort`` places them); more rows, and other dtypes, through ``jnp.sort``. The values are those of
+  ``jnp.sort`` except that the network orders ``-0.0`` before ``+0.0`` where ``jnp.sort`` keeps their
+  input order; and where values tie, the gradient may be shared among the tied inputs differently.
   """
   t = leaf.shape[0]
-  if t > MAX_NETWORK_TASKS:
+  if t > MAX_NETWORK_TASKS or not any(leaf.dtype == d for d in NETWORK_DTYPES):
     ordered = jnp.sort(leaf, axis=0)
     return [ordered[i] for i in range(t)]
-  if not jnp.issubdtype(leaf.dtype, jnp.floating):
-    return sort_row_list([leaf[i] for i in range(t)])
   nans = [jnp.isnan(leaf[i]) for i in range(t)]
   rows = sort_row_list([jnp.where(nans[i], jnp.inf, leaf[i]) for i in range(t)])
   n_nan = functools.reduce(jnp.add, [m.astype(jnp.int32) for m in nans])
