@@ -71,9 +71,9 @@ def test_sorted_rows_equals_numpy_sort_nans_last(t):
                                   np.sort(np.asarray(low, np.float32), axis=0))
 
 
-@pytest.mark.parametrize("t", [1, 2, 7, 64, 65, 131])
+@pytest.mark.parametrize("t", [1, 2, 7, 128, 129, 300])
 def test_reduce_rows_sum_and_max_match_float64(t):
-  # 65 and 131 rows fold in halves (an odd leftover each time) before the chain.
+  # 300 rows: two chunks of 128 in the loop and 44 left over; 129: one chunk and one row.
   x = np.random.default_rng(t).normal(size=(t, 3, 5)).astype(np.float32)
   s = jax.jit(_rows.sum_rows)(jnp.asarray(x))
   assert s.dtype == jnp.float32 and s.shape == (3, 5)
