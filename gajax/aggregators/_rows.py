@@ -47,10 +47,12 @@ def reduce_rows(leaf: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array]
   if t <= MAX_CHAIN:
     return chain(leaf)
   chunks, rest = divmod(t, MAX_CHAIN)
+
   def chunk_fold(i, acc):  # rows picked one by one: a [MAX_CHAIN, P] dynamic slice was copied out
     rows = [jax.lax.dynamic_index_in_dim(leaf, i * MAX_CHAIN + j, keepdims=False)
             for j in range(MAX_CHAIN)]
     return functools.reduce(op, [f(r) for r in rows], acc)
+
   acc = jax.lax.fori_loop(1, chunks, chunk_fold, chain(leaf[:MAX_CHAIN]))
   return op(acc, chain(leaf[chunks * MAX_CHAIN:])) if rest else acc
 
