@@ -484,9 +484,9 @@ def test_blocked_cpu_gramian_matches_float64(monkeypatch, block):
   # Fresh lambdas: the block size is read when a function is traced, and jax.jit(f) would reuse a
   # trace of f made under another block size.
   assert_close("gramian", np.asarray(jax.jit(lambda u: _base.gramian(u))(tree)), j @ j.T)
-  peak = np.abs(j).max()
+  scale = 2.0 ** np.frexp(np.abs(j).max())[1]   # the power of two with peak / scale in [0.5, 1)
   assert_close("normalized", np.asarray(jax.jit(lambda u: _base.normalized_gramian(u))(tree)),
-               (j / peak) @ (j / peak).T)
+               (j / scale) @ (j / scale).T)
   factors = jnp.asarray([2.0 ** -3, 2.0 ** 4, 1.0, 2.0 ** -10], jnp.float32)
   scaled = j * np.asarray(factors, np.float64)[:, None]
   assert_close("scaled", np.asarray(jax.jit(lambda u, f: _base.scaled_gramian(u, f))(tree, factors)),
@@ -504,6 +504,27 @@ def test_blocked_cpu_gramian_matches_float64(monkeypatch, block):
   # The blocked path is the one compiled here: the CPU program has a loop, one per blocked leaf.
   loops = jax.jit(lambda u: _base.gramian(u)).lower(tree).as_text().count("while")
   assert loops >= (3 if block == 8 else 1), loops
+
+
+@pytest.mark.parametrize("t", [9, 20, 64, 65])
+def test_blocked_gramian_from_row_groups_matches_float64(monkeypatch, t):
+  """Between 9 and 64 tasks each block's Gramian is assembled from the products of 8-row groups on
+  and below the diagonal (the last group shorter at 9 and 20), mirrored above; 65 tasks take the
+  one product per block. Either way the result matches float64 NumPy and is exactly symmetric."""
+  from gajax.aggregators import _base  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_base, "CPU_GRAMIAN_BLOCK", 16)
+  rng = np.random.default_rng(33)
+  j = rng.normal(size=(t, 16 * 3 + 5)) * 10.0 ** rng.integers(-3, 3, size=(t, 1))
+  j = np.asarray(np.asarray(j, np.float32), np.float64)
+  tree = {"w": jnp.asarray(j, jnp.float32)}
+  fn = jax.jit(lambda u: _base.gramian(u))
+  got = np.asarray(fn(tree))
+  assert_close("gramian", got, j @ j.T)
+  np.testing.assert_array_equal(got, got.T)
+  groups = -(-t // 8)
+  # Products per block (in the loop and for the tail): one per group pair on or below the diagonal.
+  dots = fn.lower(tree).as_text().count("dot_general")
+  assert dots == (2 * groups * (groups + 1) // 2 if t <= 64 else 2), dots
 
 
 @pytest.mark.parametrize("block", [4, 5])

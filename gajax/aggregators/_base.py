@@ -86,6 +86,11 @@ def inner_products(updates: PyTree, direction: PyTree) -> jax.Array:
 # Columns per block of the CPU reductions below (_leaf_gramian, _leaf_combination): a [32, 4096]
 # float32 block is 512 KiB.
 CPU_GRAMIAN_BLOCK = 4096
+# Rows per group of a block's Gramian on CPU (_symmetric_gramian): one AVX2 register of float32.
+CPU_GRAMIAN_ROW_GROUP = 8
+# Up to this many tasks a block's Gramian is built from its groups' products below the diagonal;
+# above it the one product was as fast (T = 128) and the unrolled products many.
+CPU_GRAMIAN_SYMMETRIC_MAX_TASKS = 64
 
 
 def _on_cpu_in_blocks(flat: jax.Array, whole, blocked):
@@ -101,6 +106,28 @@ def _column_block(flat: jax.Array, i) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(flat, i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK, axis=1)
 
 
+def _symmetric_gramian(block: jax.Array) -> jax.Array:
+  """``B B^T`` (float32 ``[T, T]``) from the products of the row groups of ``B`` (``T x c``) on or
+  below the diagonal, mirrored above it: groups of :data:`CPU_GRAMIAN_ROW_GROUP` rows (the last one
+  shorter), so ``n (n + 1) / 2`` products of ``n = ceil(T / 8)`` groups instead of ``n^2`` worth.
+
+  XLA:CPU runs each block's ``[T, c] x [c, T]`` product on one core (the same time pinned to one
+  core as on two); at T = 32 the 10 group products take 0.70x its time, at T = 25 0.61x, T = 64
+  0.55x, T = 128 0.97x (BUILD.md, "Gramian aggregators: symmetric blocks"). Every entry is the same
+  sum over the block's columns as in the one product, so the two agree to float32 rounding, and the
+  result is exactly symmetric.
+  """
+  t = block.shape[0]
+  if t <= CPU_GRAMIAN_ROW_GROUP or t > CPU_GRAMIAN_SYMMETRIC_MAX_TASKS:
+    return jnp.einsum("tp,sp->ts", block, block, preferred_element_type=jnp.float32)
+  starts = list(range(0, t, CPU_GRAMIAN_ROW_GROUP))
+  groups = [block[a:a + CPU_GRAMIAN_ROW_GROUP] for a in starts]
+  below = {(i, j): jnp.einsum("tp,sp->ts", groups[i], groups[j], preferred_element_type=jnp.float32)
+           for i in range(len(groups)) for j in range(i + 1)}
+  return jnp.block([[below[i, j] if j <= i else below[j, i].T for j in range(len(groups))]
+                    for i in range(len(groups))])
+
+
 def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
   """``[T, T]`` float32 Gramian ``B B^T`` of ``B = prepare(flat)`` (``prepare`` acts on columns
   independently, e.g. a per-row scale; ``None``: ``B = flat``), accumulated in float32.
@@ -110,8 +137,9 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
   single ``[T, p] x [p, T]`` product (a 32 x 32 result over a contraction of a million) at 7-8
   GFLOP/s, the blocked loop at about 28 on the same loaded 2-core machine, 3.5-4x faster (BUILD.md,
   "Gramian aggregators"), and ``prepare`` never writes a ``[T, p]`` copy (on this machine writing a
-  fresh 128 MB array costs about 13x ``mean``). Smaller leaves, and other platforms (GPU, TPU), take
-  the one product. Both sum the same terms in a different order: they agree to float32 rounding.
+  fresh 128 MB array costs about 13x ``mean``). Each block's Gramian is built from 8-row groups
+  below the diagonal (:func:`_symmetric_gramian`). Smaller leaves, and other platforms (GPU, TPU),
+  take the one product. Both sum the same terms in a different order: they agree to float32 rounding.
   """
   prepare = prepare or (lambda block: block)
 
@@ -121,9 +149,13 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
 
   def blocked(flat, blocks, tail):
     t = flat.shape[0]
-    acc = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + product(_column_block(flat, i)),
+
+    def block_gramian(block):
+      return _symmetric_gramian(prepare(block))
+
+    acc = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + block_gramian(_column_block(flat, i)),
                             jnp.zeros((t, t), jnp.float32))
-    return acc + product(flat[:, blocks * CPU_GRAMIAN_BLOCK:]) if tail else acc
+    return acc + block_gramian(flat[:, blocks * CPU_GRAMIAN_BLOCK:]) if tail else acc
 
   return _on_cpu_in_blocks(flat, product, blocked)
 
@@ -198,16 +230,21 @@ def from_weights_fn(weights_fn) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
-def normalized_gramian(updates: PyTree) -> jax.Array:
-  """The float32 ``[T, T]`` Gramian of ``g_i / m`` with ``m = max_abs(updates)`` (``m = 1`` if 0 or inf).
+def normalized_gramian(updates: PyTree, scale: jax.Array | None = None) -> jax.Array:
+  """The float32 ``[T, T]`` Gramian of ``g_i / s`` for the power of two ``s = power_of_two_scale(m)``,
+  ``m = max_abs(updates)`` (``s = 1`` if ``m`` is 0 or not finite), or for the given ``scale``.
 
   For weights that are invariant to a common positive scale of all ``g_i`` (projections, cosines),
-  this is the Gramian to use: the entries stay in ``[-P, P]``, so inputs of size 1e+30 do not overflow
-  float32 and inputs of size 1e-30 do not underflow to zero.
+  this is the Gramian to use: the entries of ``g_i / s`` lie in ``(-1, 1)`` and those of the Gramian in
+  ``[-P, P]``, so inputs of size 1e+30 do not overflow float32 and inputs of size 1e-30 do not
+  underflow to zero. ``s`` is a power of two so that the division is an exact multiplication by
+  ``1 / s`` as each block is read (a division per entry cost about a fifth of the Gramian's time on
+  CPU; BUILD.md, "Gramian aggregators: symmetric blocks").
   """
-  peak = max_abs(updates)
-  peak = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
-  return _gramian(updates, lambda block: block.astype(jnp.float32) / peak)
+  if scale is None:
+    scale = power_of_two_scale(max_abs(updates))
+  inverse = 1.0 / jnp.asarray(scale, jnp.float32)
+  return _gramian(updates, lambda block: block.astype(jnp.float32) * inverse)
 
 
 def power_of_two_scale(peak: jax.Array) -> jax.Array:
@@ -324,8 +361,9 @@ def from_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
   """Builds a stateless aggregator ``sum_i w_i g_i`` with ``w = weighting(K)``, ``K`` the Gramian.
 
   For weightings that are invariant to a common positive scale of the ``g_i``: ``K`` is taken from
-  :func:`normalized_gramian` (inputs divided by their largest entry, so that 1e+30 does not overflow
-  and 1e-30 does not underflow float32), and the weights are applied to the original updates. Extra
+  :func:`normalized_gramian` (inputs divided by the power of two just above their largest entry, so
+  that 1e+30 does not overflow and 1e-30 does not underflow float32), and the weights are applied to
+  the original updates. Extra
   keyword arguments of ``update`` are accepted and ignored.
   """
 

@@ -73,8 +73,8 @@ def aligned_mtl(pref_vector: Sequence[float] | None = None, scale_mode: str = "m
 
   ``A(J) = sqrt(lambda_ref) V U^T u`` (:func:`aligned_mtl_weights`), ``u = 1/T`` by default (TorchJD's
   scale; the paper's code sums, ``u = 1``). The smallest singular value sets the common scale by
-  default, so the update is bounded by the weakest direction. Gramian from inputs divided by their
-  largest entry (weights are scale invariant), applied to the original updates.
+  default, so the update is bounded by the weakest direction. Gramian from inputs divided by a power
+  of two near their largest entry (weights are scale invariant), applied to the original updates.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``: input leaves ``[T, *s]``, output leaves ``[*s]`` in

@@ -86,8 +86,8 @@ def cagrad(c: float = 0.5, rescale: bool = True) -> optax.GradientTransformation
 
   ``A(J) = d* / (1 + c^2)`` (official code default) with ``d*`` from :func:`cagrad_weights`;
   ``rescale=False`` returns ``d*`` itself (TorchJD's scale). ``c = 0.5`` is the paper's and TorchJD's
-  default. Gramian from inputs divided by their largest entry (weights are scale invariant), applied
-  to the original updates.
+  default. Gramian from inputs divided by a power of two near their largest entry (weights are scale
+  invariant), applied to the original updates.
 
   Args:
     c: radius factor, ``c >= 0``.

@@ -92,8 +92,9 @@ def nash_mtl(num_iters: int = 20, max_norm: float | None = 1.0) -> optax.Gradien
 
   Without clipping the output norm is ``sqrt(T |K|_F)``, growing linearly with the scale of the
   updates. ``max_norm=1.0`` (the official code's and TorchJD's default) then caps the output norm at
-  1; pass ``None`` or ``0`` to disable it. The Gramian is built from the inputs divided by their largest
-  entry ``m`` (so 1e+30 does not overflow), and the cap is applied in those units as ``max_norm / m``.
+  1; pass ``None`` or ``0`` to disable it. The Gramian is built from the inputs divided by the power of
+  two ``s`` just above their largest entry (so 1e+30 does not overflow), and the cap is applied in
+  those units as ``max_norm / s``.
 
   Args:
     num_iters: damped Newton steps (20 reach float32 accuracy on well-conditioned Gramians).
@@ -109,10 +110,10 @@ def nash_mtl(num_iters: int = 20, max_norm: float | None = 1.0) -> optax.Gradien
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     _base.num_tasks(updates)
-    peak = _base.max_abs(updates)
-    peak = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
-    limit = None if not max_norm else max_norm / peak
-    weights = nash_mtl_weights(_base.normalized_gramian(updates), num_iters=num_iters, max_norm=limit)
+    scale = _base.power_of_two_scale(_base.max_abs(updates))
+    limit = None if not max_norm else max_norm / scale
+    weights = nash_mtl_weights(_base.normalized_gramian(updates, scale), num_iters=num_iters,
+                               max_norm=limit)
     return _base.weighted_sum(updates, weights), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
