@@ -506,25 +506,51 @@ def test_blocked_cpu_gramian_matches_float64(monkeypatch, block):
   assert loops >= (3 if block == 8 else 1), loops
 
 
-@pytest.mark.parametrize("t", [9, 20, 64, 65])
-def test_blocked_gramian_from_row_groups_matches_float64(monkeypatch, t):
-  """Between 9 and 64 tasks each block's Gramian is assembled from the products of 8-row groups on
-  and below the diagonal (the last group shorter at 9 and 20), mirrored above; 65 tasks take the
-  one product per block. Either way the result matches float64 NumPy and is exactly symmetric."""
+@pytest.mark.parametrize("t", [9, 15, 20, 64, 65])
+@pytest.mark.parametrize("kind", ["gramian", "normalized", "scaled"])
+def test_blocked_gramian_from_row_groups_matches_float64(monkeypatch, t, kind):
+  """Between 9 and 64 tasks each whole block's Gramian is assembled from the products of 8-row
+  groups on and below the diagonal (the last group shorter at 9, 15 and 20), mirrored above; 65
+  tasks take the one product per block. Either way the three Gramians match float64 NumPy, and the
+  grouped ones are exactly symmetric (their lower triangle is mirrored)."""
   from gajax.aggregators import _base  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(_base, "CPU_GRAMIAN_BLOCK", 16)
   rng = np.random.default_rng(33)
   j = rng.normal(size=(t, 16 * 3 + 5)) * 10.0 ** rng.integers(-3, 3, size=(t, 1))
   j = np.asarray(np.asarray(j, np.float32), np.float64)
   tree = {"w": jnp.asarray(j, jnp.float32)}
-  fn = jax.jit(lambda u: _base.gramian(u))
+  factors = 2.0 ** rng.integers(-4, 5, size=t)
+  unit = j / 2.0 ** np.frexp(np.abs(j).max())[1]   # divided by the power of two above the peak
+  fn, want = {
+      "gramian": (jax.jit(lambda u: _base.gramian(u)), j @ j.T),
+      "normalized": (jax.jit(lambda u: _base.normalized_gramian(u)), unit @ unit.T),
+      "scaled": (jax.jit(lambda u: _base.scaled_gramian(u, jnp.asarray(factors, jnp.float32))),
+                 (j * factors[:, None]) @ (j * factors[:, None]).T),
+  }[kind]
   got = np.asarray(fn(tree))
-  assert_close("gramian", got, j @ j.T)
-  np.testing.assert_array_equal(got, got.T)
+  assert_close(kind, got, want)
   groups = -(-t // 8)
-  # Products per block (in the loop and for the tail): one per group pair on or below the diagonal.
+  # Products: one per group pair on or below the diagonal in the loop, one for the tail block.
   dots = fn.lower(tree).as_text().count("dot_general")
-  assert dots == (2 * groups * (groups + 1) // 2 if t <= 64 else 2), dots
+  assert dots == (groups * (groups + 1) // 2 + 1 if t <= 64 else 2), dots
+  if t <= 64:
+    np.testing.assert_array_equal(got, got.T)
+
+
+def test_row_group_products_stay_within_budget(monkeypatch):
+  """With room for one leaf's group products, the largest blocked leaf gets them and the others keep
+  one product per block; the result still matches float64."""
+  from gajax.aggregators import _base  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_base, "CPU_GRAMIAN_BLOCK", 16)
+  monkeypatch.setattr(_base, "CPU_GRAMIAN_MAX_GROUP_PRODUCTS", 8)   # 20 tasks: 6 products a leaf
+  rng = np.random.default_rng(34)
+  widths = [16 * 3 + 5, 16 * 5, 16 * 2, 7]  # blocked with a tail, the largest, blocked, one product
+  tree = {str(i): jnp.asarray(rng.normal(size=(20, w)), jnp.float32) for i, w in enumerate(widths)}
+  j = np.concatenate([np.asarray(tree[str(i)], np.float64) for i in range(len(widths))], axis=1)
+  fn = jax.jit(lambda u: _base.gramian(u))
+  assert_close("gramian", np.asarray(fn(tree)), j @ j.T)
+  # 6 (the largest, grouped) + 2 (loop + tail) + 1 + 1.
+  assert fn.lower(tree).as_text().count("dot_general") == 10
 
 
 @pytest.mark.parametrize("block", [4, 5])

@@ -88,9 +88,13 @@ def inner_products(updates: PyTree, direction: PyTree) -> jax.Array:
 CPU_GRAMIAN_BLOCK = 4096
 # Rows per group of a block's Gramian on CPU (_symmetric_gramian): one AVX2 register of float32.
 CPU_GRAMIAN_ROW_GROUP = 8
-# Up to this many tasks a block's Gramian is built from its groups' products below the diagonal;
-# above it the one product was as fast (T = 128) and the unrolled products many.
+# From 9 up to this many tasks a block's Gramian is built from its groups' products on and below the
+# diagonal; above it the one product was as fast (T = 128) and the unrolled products many.
 CPU_GRAMIAN_SYMMETRIC_MAX_TASKS = 64
+# At most this many group products per Gramian, over all leaves (the largest leaves first; the others
+# keep one product per block): each product in the program added ~4 ms of compile time, and a model
+# with many leaves at T = 64 (36 products a leaf) would otherwise compile for seconds longer.
+CPU_GRAMIAN_MAX_GROUP_PRODUCTS = 256
 
 
 def _on_cpu_in_blocks(flat: jax.Array, whole, blocked):
@@ -106,6 +110,14 @@ def _column_block(flat: jax.Array, i) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(flat, i * CPU_GRAMIAN_BLOCK, CPU_GRAMIAN_BLOCK, axis=1)
 
 
+def _group_products(t: int) -> int:
+  """Products per block of :func:`_symmetric_gramian` for ``t`` tasks; 0 where it is not used."""
+  if t <= CPU_GRAMIAN_ROW_GROUP or t > CPU_GRAMIAN_SYMMETRIC_MAX_TASKS:
+    return 0
+  n = -(-t // CPU_GRAMIAN_ROW_GROUP)
+  return n * (n + 1) // 2
+
+
 def _symmetric_gramian(block: jax.Array) -> jax.Array:
   """``B B^T`` (float32 ``[T, T]``) from the products of the row groups of ``B`` (``T x c``) on or
   below the diagonal, mirrored above it: groups of :data:`CPU_GRAMIAN_ROW_GROUP` rows (the last one
@@ -114,21 +126,19 @@ def _symmetric_gramian(block: jax.Array) -> jax.Array:
   XLA:CPU runs each block's ``[T, c] x [c, T]`` product on one core (the same time pinned to one
   core as on two); at T = 32 the 10 group products take 0.70x its time, at T = 25 0.61x, T = 64
   0.55x, T = 128 0.97x (BUILD.md, "Gramian aggregators: symmetric blocks"). Every entry is the same
-  sum over the block's columns as in the one product, so the two agree to float32 rounding, and the
-  result is exactly symmetric.
+  sum over the block's columns as in the one product, so the two agree to float32 rounding. (The
+  diagonal groups' own products need not come out bit-symmetric; :func:`_leaf_gramian` mirrors the
+  accumulated lower triangle.)
   """
-  t = block.shape[0]
-  if t <= CPU_GRAMIAN_ROW_GROUP or t > CPU_GRAMIAN_SYMMETRIC_MAX_TASKS:
-    return jnp.einsum("tp,sp->ts", block, block, preferred_element_type=jnp.float32)
-  starts = list(range(0, t, CPU_GRAMIAN_ROW_GROUP))
-  groups = [block[a:a + CPU_GRAMIAN_ROW_GROUP] for a in starts]
+  size = CPU_GRAMIAN_ROW_GROUP
+  groups = [block[a:a + size] for a in range(0, block.shape[0], size)]
   below = {(i, j): jnp.einsum("tp,sp->ts", groups[i], groups[j], preferred_element_type=jnp.float32)
            for i in range(len(groups)) for j in range(i + 1)}
   return jnp.block([[below[i, j] if j <= i else below[j, i].T for j in range(len(groups))]
                     for i in range(len(groups))])
 
 
-def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
+def _leaf_gramian(flat: jax.Array, prepare=None, row_groups: bool = False) -> jax.Array:
   """``[T, T]`` float32 Gramian ``B B^T`` of ``B = prepare(flat)`` (``prepare`` acts on columns
   independently, e.g. a per-row scale; ``None``: ``B = flat``), accumulated in float32.
 
@@ -137,9 +147,11 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
   single ``[T, p] x [p, T]`` product (a 32 x 32 result over a contraction of a million) at 7-8
   GFLOP/s, the blocked loop at about 28 on the same loaded 2-core machine, 3.5-4x faster (BUILD.md,
   "Gramian aggregators"), and ``prepare`` never writes a ``[T, p]`` copy (on this machine writing a
-  fresh 128 MB array costs about 13x ``mean``). Each block's Gramian is built from 8-row groups
-  below the diagonal (:func:`_symmetric_gramian`). Smaller leaves, and other platforms (GPU, TPU),
-  take the one product. Both sum the same terms in a different order: they agree to float32 rounding.
+  fresh 128 MB array costs about 13x ``mean``). With ``row_groups`` each whole block's Gramian is
+  built from 8-row groups on and below the diagonal (:func:`_symmetric_gramian`; the tail block takes
+  one product) and the result's lower triangle is mirrored, so it is exactly symmetric. Smaller
+  leaves, and other platforms (GPU, TPU), take the one product. All sum the same terms in different
+  orders: they agree to float32 rounding.
   """
   prepare = prepare or (lambda block: block)
 
@@ -149,13 +161,12 @@ def _leaf_gramian(flat: jax.Array, prepare=None) -> jax.Array:
 
   def blocked(flat, blocks, tail):
     t = flat.shape[0]
-
-    def block_gramian(block):
-      return _symmetric_gramian(prepare(block))
-
+    block_gramian = (lambda block: _symmetric_gramian(prepare(block))) if row_groups else product
     acc = jax.lax.fori_loop(0, blocks, lambda i, acc: acc + block_gramian(_column_block(flat, i)),
                             jnp.zeros((t, t), jnp.float32))
-    return acc + block_gramian(flat[:, blocks * CPU_GRAMIAN_BLOCK:]) if tail else acc
+    if tail:
+      acc = acc + product(flat[:, blocks * CPU_GRAMIAN_BLOCK:])
+    return jnp.tril(acc) + jnp.tril(acc, -1).T if row_groups else acc
 
   return _on_cpu_in_blocks(flat, product, blocked)
 
@@ -178,8 +189,24 @@ def _leaf_combination(flat: jax.Array, weights: jax.Array, prepare) -> jax.Array
   return _on_cpu_in_blocks(flat, product, blocked)
 
 
+def _row_group_leaves(flats: list[jax.Array]) -> list[bool]:
+  """Which leaves' blocks take :func:`_symmetric_gramian`: the blocked ones (at least two blocks of
+  columns), largest first, while the program stays within :data:`CPU_GRAMIAN_MAX_GROUP_PRODUCTS`."""
+  chosen = [False] * len(flats)
+  per_leaf = _group_products(flats[0].shape[0])
+  if not per_leaf:
+    return chosen
+  budget = CPU_GRAMIAN_MAX_GROUP_PRODUCTS
+  for i in sorted(range(len(flats)), key=lambda i: -flats[i].shape[1]):
+    if flats[i].shape[1] >= 2 * CPU_GRAMIAN_BLOCK and per_leaf <= budget:
+      chosen[i], budget = True, budget - per_leaf
+  return chosen
+
+
 def _gramian(updates: PyTree, prepare=None) -> jax.Array:
-  parts = [_leaf_gramian(_flat(leaf), prepare) for leaf in jax.tree_util.tree_leaves(updates)]
+  flats = [_flat(leaf) for leaf in jax.tree_util.tree_leaves(updates)]
+  parts = [_leaf_gramian(flat, prepare, grouped)
+           for flat, grouped in zip(flats, _row_group_leaves(flats))]
   return sum(parts[1:], parts[0])
 
 
@@ -235,11 +262,12 @@ def normalized_gramian(updates: PyTree, scale: jax.Array | None = None) -> jax.A
   ``m = max_abs(updates)`` (``s = 1`` if ``m`` is 0 or not finite), or for the given ``scale``.
 
   For weights that are invariant to a common positive scale of all ``g_i`` (projections, cosines),
-  this is the Gramian to use: the entries of ``g_i / s`` lie in ``(-1, 1)`` and those of the Gramian in
-  ``[-P, P]``, so inputs of size 1e+30 do not overflow float32 and inputs of size 1e-30 do not
-  underflow to zero. ``s`` is a power of two so that the division is an exact multiplication by
-  ``1 / s`` as each block is read (a division per entry cost about a fifth of the Gramian's time on
-  CPU; BUILD.md, "Gramian aggregators: symmetric blocks").
+  this is the Gramian to use: the entries of ``g_i / s`` lie in ``(-1, 1)`` (``(-4, 4)`` for peaks
+  above ``2^126``, where ``s`` is capped) and those of the Gramian in ``[-P, P]`` (``16 P``), so
+  inputs of size 1e+30 do not overflow float32 and inputs of size 1e-30 do not underflow to zero.
+  ``s`` is a power of two so that the division is an exact multiplication by ``1 / s`` as each block
+  is read (a division per entry cost about a fifth of the Gramian's time on CPU; BUILD.md, "Gramian
+  aggregators: symmetric blocks").
   """
   if scale is None:
     scale = power_of_two_scale(max_abs(updates))
@@ -363,8 +391,7 @@ def from_gramian_weighting(weighting) -> optax.GradientTransformationExtraArgs:
   For weightings that are invariant to a common positive scale of the ``g_i``: ``K`` is taken from
   :func:`normalized_gramian` (inputs divided by the power of two just above their largest entry, so
   that 1e+30 does not overflow and 1e-30 does not underflow float32), and the weights are applied to
-  the original updates. Extra
-  keyword arguments of ``update`` are accepted and ignored.
+  the original updates. Extra keyword arguments of ``update`` are accepted and ignored.
   """
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -103,7 +103,8 @@ def gradvac(num_tasks: int, beta: float = 0.01,
   Differences from the paper: the paper applies GradVac per parameter group (layer or module) with
   one target matrix per group; here the whole model is one group (cosines over all leaves). Targets
   start at 0 (LibMTL's choice). Everything but the final weighted sum runs on the ``T x T`` Gramian,
-  normalised by the largest absolute entry (the cosines and the step ratios are scale invariant).
+  normalised by a power of two near the largest absolute entry (the cosines and the step ratios are
+  scale invariant).
 
   Order: with ``key=None`` each task visits ``j = 0..T-1`` (skipping itself); with a key, a random
   order per task and update, the key split once per update and kept in the state.

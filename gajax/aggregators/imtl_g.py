@@ -53,8 +53,8 @@ def imtl_g() -> optax.GradientTransformationExtraArgs:
 
   Weights from :func:`imtl_g_weights`; the output scale follows the paper and TorchJD (weights sum to
   1, so identical updates give that update back). Gramian from inputs divided by a power of two near
-  their largest entry (weights are scale invariant), applied to the original updates. Input leaves ``[T, *s]``, output
-  leaves ``[*s]`` in the input dtype; extra keyword arguments of ``update`` are ignored. Permutation
-  invariant; positively homogeneous.
+  their largest entry (weights are scale invariant), applied to the original updates. Input leaves
+  ``[T, *s]``, output leaves ``[*s]`` in the input dtype; extra keyword arguments of ``update`` are
+  ignored. Permutation invariant; positively homogeneous.
   """
   return _base.from_gramian_weighting(imtl_g_weights)

@@ -57,9 +57,9 @@ def krum(num_byzantine: int = 0, num_selected: int = 1) -> optax.GradientTransfo
 
   Weights from :func:`krum_weights`: the output is one input update (Krum) or the mean of
   ``num_selected`` of them, never a ``1/T`` average. ``update`` raises ``ValueError`` unless
-  ``T > 2 * num_byzantine + 2`` and ``num_selected <= T``. Gramian from inputs divided by their largest
-  entry. Input leaves ``[T, *s]``, output leaves ``[*s]`` in the input dtype; extra keyword arguments of
-  ``update`` are ignored.
+  ``T > 2 * num_byzantine + 2`` and ``num_selected <= T``. Gramian from inputs divided by a power of
+  two near their largest entry. Input leaves ``[T, *s]``, output leaves ``[*s]`` in the input dtype;
+  extra keyword arguments of ``update`` are ignored.
 
   Args:
     num_byzantine: the number ``f >= 0`` of updates that may be arbitrary (default 0).

@@ -101,8 +101,8 @@ def pcgrad(key: jax.Array | None = None) -> optax.GradientTransformationExtraArg
   learning rate by ``T`` for the scale of :func:`gajax.aggregators.mean`.
 
   The projections are computed on the ``T x T`` Gramian (see :func:`pcgrad_coefficients`), normalised
-  by the largest absolute entry (the weights are scale invariant) so that inputs of size 1e+30 or
-  1e-30 work in float32, followed by one weighted sum over the parameters.
+  by a power of two near the largest absolute entry (the weights are scale invariant) so that inputs
+  of size 1e+30 or 1e-30 work in float32, followed by one weighted sum over the parameters.
 
   Order: with ``key=None`` each task visits ``j = 0, ..., T - 1`` (skipping itself), deterministic
   but **not** permutation invariant over tasks. With a key, each task gets its own random order at
