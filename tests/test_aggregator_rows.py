@@ -85,6 +85,20 @@ def test_reduce_rows_sum_and_max_match_float64(t):
   np.testing.assert_array_equal(np.asarray(signs), np.sign(x).astype(np.int64).sum(0))
 
 
+def test_trimmed_mean_above_the_network_sums_the_sorted_slice():
+  """Above 32 tasks the trimmed mean sums a slice of ``jnp.sort``'s output (NaNs last) through the
+  bounded row chain; it matches float64 NumPy, NaN where more than ``trim`` tasks are NaN."""
+  t, trim = 40, 3
+  x = np.random.default_rng(5).normal(size=(t, 6)).astype(np.float32)
+  x[:2, 0] = np.nan    # 2 NaNs <= trim: cut
+  x[:4, 1] = np.nan    # 4 NaNs > trim: NaN
+  x[5, 2] = 1e30       # an outlier: cut
+  out = np.asarray(jax.jit(lambda v: trimmed_mean_leaf(v, trim))(jnp.asarray(x)))
+  ref = np.sort(x.astype(np.float64), axis=0)[trim:t - trim].mean(0)
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+  assert np.isnan(out[1]) and np.isfinite(out[0]) and abs(out[2]) < 10
+
+
 def test_trimmed_mean_cuts_up_to_trim_nans_and_keeps_more():
   t, trim = 9, 2
   x = _special_values(t, 12, seed=3)

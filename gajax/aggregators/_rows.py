@@ -115,6 +115,10 @@ def sort_row_list(rows: Sequence[jax.Array]) -> list[jax.Array]:
 NETWORK_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
 
+def _sorts_by_network(leaf: jax.Array) -> bool:
+  return leaf.shape[0] <= MAX_NETWORK_TASKS and any(leaf.dtype == d for d in NETWORK_DTYPES)
+
+
 def sorted_rows(leaf: jax.Array) -> list[jax.Array]:
   """The ``T`` rows of ``jnp.sort(leaf, axis=0)``, NaNs last: ``[T, *s] -> T x [*s]``.
 
@@ -125,10 +129,19 @@ def sorted_rows(leaf: jax.Array) -> list[jax.Array]:
   input order; and where values tie, the gradient may be shared among the tied inputs differently.
   """
   t = leaf.shape[0]
-  if t > MAX_NETWORK_TASKS or not any(leaf.dtype == d for d in NETWORK_DTYPES):
+  if not _sorts_by_network(leaf):
     ordered = jnp.sort(leaf, axis=0)
     return [ordered[i] for i in range(t)]
   nans = [jnp.isnan(leaf[i]) for i in range(t)]
   rows = sort_row_list([jnp.where(nans[i], jnp.inf, leaf[i]) for i in range(t)])
   n_nan = functools.reduce(jnp.add, [m.astype(jnp.int32) for m in nans])
   return [jnp.where(n_nan > t - 1 - i, jnp.nan, rows[i]).astype(leaf.dtype) for i in range(t)]
+
+
+def sum_sorted_rows(leaf: jax.Array, start: int, stop: int) -> jax.Array:
+  """``sum_{r = start}^{stop - 1} sorted[r]`` in float32, ``sorted = jnp.sort(leaf, axis=0)`` (NaNs
+  last, as :func:`sorted_rows`): ``[T, *s] -> [*s]``. The network's rows are folded in order; the
+  sorted array's slice goes through :func:`sum_rows`, whose chain stays bounded for any ``T``."""
+  if _sorts_by_network(leaf):
+    return functools.reduce(jnp.add, [row.astype(jnp.float32) for row in sorted_rows(leaf)[start:stop]])
+  return sum_rows(jnp.sort(leaf, axis=0)[start:stop])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import optax
 
 from gajax.aggregators import _base, _rows
@@ -22,9 +19,7 @@ def trimmed_mean_leaf(leaf: jax.Array, trim: int) -> jax.Array:
   task axis took 5.3 s at ``T = 32, P = 1e6`` on XLA:CPU (:mod:`gajax.aggregators._rows`).
   """
   t = leaf.shape[0]
-  kept = _rows.sorted_rows(leaf)[trim:t - trim]
-  total = functools.reduce(jnp.add, [row.astype(jnp.float32) for row in kept])
-  return (total / (t - 2 * trim)).astype(leaf.dtype)
+  return (_rows.sum_sorted_rows(leaf, trim, t - trim) / (t - 2 * trim)).astype(leaf.dtype)
 
 
 def trimmed_mean(trim: int) -> optax.GradientTransformationExtraArgs:
